@@ -165,7 +165,8 @@ def _attention_kl_fwd_kernel(
     lse_a = tl.where(has_keys, m_a + tl.log(safe_z), float("inf"))
     if not HAS_LSE_B:
         lse_b = tl.where(z_b > 0.0, m_b + tl.log(tl.where(z_b > 0.0, z_b, 1.0)), float("inf"))
-    kl = tl.where(has_keys, acc / safe_z - lse_a + lse_b, 0.0)
+    # rows without keys: lse = +inf on both sides; keep inf - inf out of the arithmetic
+    kl = tl.where(has_keys, acc / safe_z - tl.where(has_keys, lse_a, 0.0) + tl.where(has_keys, lse_b, 0.0), 0.0)
     out = pid_bp.to(tl.int64) * R + offs_m
     tl.store(KL + out, kl, mask=row_ok)
     if REVERSE:
