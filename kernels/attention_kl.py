@@ -39,7 +39,7 @@ from fastkd.kernels._common import upcast_inputs
 #     dQ_s,i = sum_j dS_ij k_s,j        dK_s,j = sum_i dS_ij q_s,i
 # ---------------------------------------------------------------------------------------------------------
 
-NEG_BIG = -1.0e30  # running-max initial value: finite, so e^(m_old - m_new) never sees (-inf) - (-inf)
+NEG_BIG = tl.constexpr(-1.0e30)  # running-max start: finite, so e^(m_old - m_new) never sees (-inf) - (-inf)
 
 
 @triton.jit
@@ -308,12 +308,17 @@ def _attention_kl_bwd_dk_kernel(
 # ------------------------------------------------------------------------------------------------- launchers
 
 
+def gpu_blocks(R: int, N: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for compiled kernels: 64-wide tiles (N=197 pads to 256); row blocks shrink
+    for short row subsets (CLS row only)."""
+    return max(16, min(64, next_pow2(R))), 64, 4
+
+
 def _blocks(R: int, N: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps). 64-wide tiles on GPUs (N=197 pads to 256); the interpreter runs each
-    tile as numpy, so it prefers few, larger tiles."""
+    """The interpreter runs each tile as numpy, so it prefers few, larger tiles."""
     if interpret():
         return max(16, min(64, next_pow2(R))), max(16, min(128, next_pow2(N))), 4
-    return max(16, min(64, next_pow2(R))), 64, 4
+    return gpu_blocks(R, N)
 
 
 def _precision(*tensors: torch.Tensor) -> str:

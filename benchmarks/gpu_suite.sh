@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# fastkd on a lent GPU machine: install, GPU-marked tests, kernel benchmarks, end-to-end benchmark.
+#
+#   OUT=/path bash benchmarks/gpu_suite.sh [STAGE ...]      (default: all stages, in order)
+#
+# Stages (each fits one 10-minute device command; run them as consecutive commands of one lease):
+#   install     pip install the project (no deps; the machine brings torch/triton/timm) + carried wheels/
+#   tests       pytest -m gpu: the Triton kernels compiled for real, against the fp64 reference
+#   kernels     benchmarks/attention_kl.py at the standard GPU shapes (fastkd, eager, torch.compile)
+#   importance  benchmarks/head_importance.py
+#   train       benchmarks/train_step.py (DeiT-S <- DeiT-B, bf16, 224/384 px, batch 128/256)
+#   summary     print a short table of what came back
+# Everything (CSVs, plots, logs, junit XML) lands in $OUT; copy the CSVs/PNGs to benchmarks/results/.
+# DRY_RUN=1 runs every stage at smoke size on a CPU-only machine (GPU parts skipped) to check the script.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+STAGES=("$@")
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(install tests kernels importance train summary)
+DRY=${DRY_RUN:-0}
+
+log() { echo "[gpu_suite $(date -u +%H:%M:%S)] $*" | tee -a "$OUT/suite.log"; }
+
+stage_install() {
+  { nvidia-smi || true; $PY -c "import sys,torch,triton; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; } > "$OUT/env.txt" 2>&1
+  if [ -d wheels ] && ls wheels/*.whl >/dev/null 2>&1; then
+    $PY -m pip install --no-index --find-links wheels --no-deps wheels/*.whl > "$OUT/pip_wheels.log" 2>&1 \
+      && log "installed carried wheels" || log "carried wheels failed (see pip_wheels.log)"
+  fi
+  $PY -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 && log "installed fastkd" \
+    || { log "install failed (see install.log)"; return 1; }
+  $PY -m fastkd info > "$OUT/info.txt" 2>&1; cat "$OUT/info.txt"
+}
+
+stage_tests() {
+  local args=(-m gpu -q tests --junitxml="$OUT/gpu_tests.xml" -p no:cacheprovider)
+  [ "$DRY" = 1 ] && args=(-q tests/kernels -k "N17 or fp32" --junitxml="$OUT/gpu_tests.xml" -p no:cacheprovider)
+  timeout 540 $PY -m pytest "${args[@]}" > "$OUT/gpu_tests.log" 2>&1
+  log "gpu tests rc=$? ($(tail -n 1 "$OUT/gpu_tests.log"))"
+}
+
+stage_kernels() {
+  local args=(--out "$OUT/attention_kl_gpu.csv")
+  [ "$DRY" = 1 ] && args+=(--shapes "1,2,65,16" --providers fastkd,eager --dtypes fp32 --rep-ms 5)
+  timeout 560 $PY benchmarks/attention_kl.py "${args[@]}" > "$OUT/bench_attention_kl.log" 2>&1
+  log "attention_kl benchmark rc=$?"
+}
+
+stage_importance() {
+  [ -f benchmarks/head_importance.py ] || { log "no benchmarks/head_importance.py"; return 0; }
+  local args=(--out "$OUT/head_importance_gpu.csv")
+  [ "$DRY" = 1 ] && args+=(--quick)
+  timeout 500 $PY benchmarks/head_importance.py "${args[@]}" > "$OUT/bench_head_importance.log" 2>&1
+  log "head_importance benchmark rc=$?"
+}
+
+stage_train() {
+  [ -f benchmarks/train_step.py ] || { log "no benchmarks/train_step.py"; return 0; }
+  local args=(--out "$OUT/train_step_gpu.csv")
+  [ "$DRY" = 1 ] && args+=(--tiny)
+  timeout 560 $PY benchmarks/train_step.py "${args[@]}" > "$OUT/bench_train_step.log" 2>&1
+  log "train_step benchmark rc=$?"
+}
+
+stage_summary() {
+  $PY - "$OUT" <<'PYEOF'
+import csv, glob, os, sys
+out = sys.argv[1]
+for path in sorted(glob.glob(os.path.join(out, "*.csv"))):
+    rows = list(csv.DictReader(open(path)))
+    print(f"\n{os.path.basename(path)}: {len(rows)} rows")
+    full = [r for r in rows if r.get("mode") in ("full", None, "")][:24]
+    for r in full:
+        keys = [k for k in ("provider", "method", "dtype", "B", "H", "N", "batch", "img_size", "p50_ms",
+                            "peak_mem_mib", "frac_of_floor", "img_per_s") if k in r]
+        print("  " + "  ".join(f"{k}={r[k]}" for k in keys))
+PYEOF
+}
+
+for s in "${STAGES[@]}"; do
+  log "stage $s"
+  "stage_$s" || log "stage $s failed"
+done
