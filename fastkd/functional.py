@@ -10,6 +10,11 @@ from typing import Literal
 import torch
 
 from fastkd import dispatch
+from fastkd.importance_ops import SCORES
+from fastkd.importance_ops import attribution_importance
+from fastkd.importance_ops import entropy_importance
+from fastkd.importance_ops import gradient_importance
+from fastkd.importance_ops import head_importance
 
 Reduction = Literal["none", "sum", "mean", "batchmean"]
 Direction = Literal["forward", "reverse"]
@@ -17,7 +22,15 @@ _REDUCTIONS = ("none", "sum", "mean", "batchmean")
 _DIRECTIONS = ("forward", "reverse")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-__all__ = ["attention_kl", "check_finite_enabled"]
+__all__ = [
+    "SCORES",
+    "attention_kl",
+    "attribution_importance",
+    "check_finite_enabled",
+    "entropy_importance",
+    "gradient_importance",
+    "head_importance",
+]
 
 
 def check_finite_enabled() -> bool:

@@ -59,3 +59,43 @@ def attention_kl_reference(
     if key_mask is not None:  # a row with no key at all has no distribution: define its KL as 0
         kl = kl.masked_fill(~key_mask.any(-1)[:, None, None], 0.0)
     return kl
+
+
+# ------------------------------------------------------------------------------------ head importance (issue 3)
+
+
+def attention_probs_reference(q: torch.Tensor, k: torch.Tensor, scale: float, upcast: bool = True) -> torch.Tensor:
+    """Full attention map ``softmax(scale * q @ k^T)`` ``[B, H, N, N]`` (fp64 when ``upcast``, else fp32)."""
+    dtype = torch.float64 if upcast else torch.float32
+    return torch.softmax(attention_logits(q, k, scale, dtype), dim=-1)
+
+
+def gradient_importance_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor, scale: float, upcast: bool = True
+) -> torch.Tensor:
+    """Michel et al. 2019 head importance ``|sum_{i,c} O[i,c] dO[i,c]|`` with ``O = P V`` built from the full map.
+
+    ``q, k, v, grad_out: [B, H, N, d]`` -> ``[B, H]``.
+    """
+    p = attention_probs_reference(q, k, scale, upcast)
+    o = p @ v.to(p.dtype)
+    return (o * grad_out.to(p.dtype)).sum((-1, -2)).abs()
+
+
+def attribution_importance_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor, scale: float, upcast: bool = True
+) -> torch.Tensor:
+    """Attention attribution ``sum_ij |P_ij * dL/dP_ij|`` with ``dL/dP_ij = dO_i . v_j``, from full maps.
+
+    ``q, k, v, grad_out: [B, H, N, d]`` -> ``[B, H]``.
+    """
+    p = attention_probs_reference(q, k, scale, upcast)
+    dp = grad_out.to(p.dtype) @ v.to(p.dtype).transpose(-1, -2)
+    return (p * dp).abs().sum((-1, -2))
+
+
+def entropy_importance_reference(q: torch.Tensor, k: torch.Tensor, scale: float, upcast: bool = True) -> torch.Tensor:
+    """Mean over query rows of the attention-row entropy ``-sum_j P_ij log P_ij`` (nats): ``[B, H]``."""
+    dtype = torch.float64 if upcast else torch.float32
+    log_p = torch.log_softmax(attention_logits(q, k, scale, dtype), dim=-1)
+    return -(log_p.exp() * log_p).sum(-1).mean(-1)

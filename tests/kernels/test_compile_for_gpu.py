@@ -1,4 +1,4 @@
-"""Compile the attention_kl kernels ahead of time for real GPUs (sm_80, sm_90), without a GPU.
+"""Compile the attention_kl and head_importance kernels ahead of time for real GPUs (sm_80, sm_90), without a GPU.
 
 The interpreter accepts things the compiler rejects (non-constexpr globals, bad block shapes, shared
 memory beyond the hardware limit); Triton's bundled ptxas lets CI catch those here. The compilation runs
@@ -62,22 +62,69 @@ def compile_all(dtype: str, arch: int, reverse: bool) -> dict:
     return out
 
 
+def compile_head_importance(dtype: str, arch: int, score: int) -> dict:
+    """Compile the head-importance kernel (score 0 = attribution, 1 = entropy) as its launcher would at N=197."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import fastkd.kernels.head_importance as HI
+    from fastkd.kernels._common import head_block
+    from fastkd.kernels._common import next_pow2
+
+    fn = HI._head_importance_kernel
+    constexprs = dict(
+        BLOCK_M=max(16, min(64, next_pow2(197))), BLOCK_N=64, BLOCK_D=head_block(64), BLOCK_DV=head_block(64),
+        SCORE=score, HAS_LSE=score == 0, UPCAST=dtype == "fp32", PRECISION="ieee" if dtype == "fp32" else "tf32",
+    )
+    pointers = {name: f"*{dtype}" for name in ("Q", "K", "V", "DO")}
+    pointers.update(LSE="*fp32", OUT="*fp32")
+    sig = {}
+    for name in inspect.signature(fn.fn).parameters:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        else:
+            sig[name] = pointers.get(name, "fp32" if name == "scale" else "i32")
+    compiled = triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": 4})
+    return {fn.fn.__name__: {"shared": compiled.metadata.shared, "asm": sorted(compiled.asm)}}
+
+
+def _compile_in_child(*args: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _check(result: dict, arch: int) -> None:
+    for name, info in result.items():
+        assert "ptx" in info["asm"] and "cubin" in info["asm"], f"{name}: no PTX/cubin produced"
+        assert 0 < info["shared"] <= SMEM_LIMIT[arch], f"{name}: {info['shared']} bytes of shared memory, sm_{arch}"
+
+
+@pytest.mark.parametrize("dtype, arch, score", [("bf16", 90, 0), ("bf16", 90, 1), ("fp32", 80, 0)])
+def test_head_importance_kernel_compiles_for_gpu(dtype, arch, score):
+    pytest.importorskip("triton")
+    result = _compile_in_child("head_importance", dtype, str(arch), str(score))
+    assert set(result) == {"_head_importance_kernel"}
+    _check(result, arch)
+
+
 @pytest.mark.parametrize(
     "dtype, arch, reverse",
     [("bf16", 90, False), ("bf16", 90, True), ("fp16", 80, False), ("fp32", 90, False)],
 )
 def test_kernels_compile_for_gpu(dtype, arch, reverse):
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, __file__, dtype, str(arch), str(int(reverse))], capture_output=True,
-                          text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = _compile_in_child("attention_kl", dtype, str(arch), str(int(reverse)))
     assert set(result) == KERNELS
-    for name, info in result.items():
-        assert "ptx" in info["asm"] and "cubin" in info["asm"], f"{name}: no PTX/cubin produced"
-        assert 0 < info["shared"] <= SMEM_LIMIT[arch], f"{name}: {info['shared']} bytes of shared memory, sm_{arch}"
+    _check(result, arch)
 
 
 if __name__ == "__main__":
-    print(json.dumps(compile_all(sys.argv[1], int(sys.argv[2]), bool(int(sys.argv[3])))))
+    op, dtype, arch, flag = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    if op == "attention_kl":
+        print(json.dumps(compile_all(dtype, arch, bool(flag))))
+    else:
+        print(json.dumps(compile_head_importance(dtype, arch, flag)))

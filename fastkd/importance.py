@@ -1,0 +1,465 @@
+"""``fastkd importance``: score every attention head of a timm ViT over a data set.
+
+Writes ``importance.json`` (scores ``[L, H]`` per score kind, rankings, the top head per layer, run metadata)
+and ``importance.png`` (a layer x head heatmap per kind). SSTA reads ``top_head_per_layer`` /
+``ranking`` from the JSON to choose its heads.
+
+Scores (see :mod:`fastkd.importance_ops`): ``gradient`` (Michel et al. 2019, the default), ``attribution``
+and ``entropy``. Per-sample scores are averaged over the images seen. For ``gradient``/``attribution`` the
+loss L is summed over the batch (so each sample's score is its own gradient, independent of the batch size):
+
+* ``ce`` -- cross-entropy on the data set's labels (the model's classes must be the folder's classes);
+* ``pseudo`` -- cross-entropy on the model's own top-1 prediction (any folder, any classifier);
+* ``feature-norm`` -- ``0.5 * ||f||^2`` of the pooled pre-logits feature (self-supervised backbones);
+* ``self-kl`` -- ``KL(softmax(sg(z)/0.04) || softmax(z/0.1))``, z the logits or, without a classifier, the
+  pooled feature: a DINO-like sharpened self-distillation target. (A KL to an *unsharpened* detached copy has
+  zero gradient at the current point, so it cannot rank heads.)
+* ``auto`` (default) -- ``ce`` when the classifier has as many classes as the folder, ``pseudo`` for any
+  other classifier, ``feature-norm`` without a classifier (``num_classes == 0``).
+
+Ranking across layers: ``gradient``/``attribution`` scores are L2-normalized within each layer first
+(Michel et al. 2019, Sec. 4) and ranked high to low; ``entropy`` is ranked low to high (most concentrated
+head first). ``top_head_per_layer`` does not depend on the normalization.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastkd.importance_ops import SCORES
+from fastkd.importance_ops import attribution_importance
+from fastkd.importance_ops import entropy_importance
+from fastkd.importance_ops import gradient_importance
+
+LOSSES = ("auto", "ce", "pseudo", "feature-norm", "self-kl")
+_NEEDS_GRAD = ("gradient", "attribution")
+
+__all__ = ["LOSSES", "add_arguments", "compute_importance", "rank_heads", "run", "write_heatmap", "build_eval_loader"]
+
+
+# ------------------------------------------------------------------------------------------------------ data
+def _find_image_root(root: Path) -> Path:
+    """DIR itself, or DIR/val, DIR/validation, DIR/train when DIR holds a split layout."""
+    for split in ("val", "validation", "train"):
+        if (root / split).is_dir() and any(p.is_dir() for p in (root / split).iterdir()):
+            return root / split
+    return root
+
+
+def eval_input_size(model: nn.Module) -> tuple[int, int]:
+    pe = getattr(model, "patch_embed", None)
+    size = getattr(pe, "img_size", None)
+    if size is not None:
+        return (int(size[0]), int(size[1]))
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    s = cfg.get("input_size", (3, 224, 224))
+    return (int(s[1]), int(s[2]))
+
+
+def build_eval_loader(root: str | os.PathLike, model: nn.Module, *, batch_size: int = 32, workers: int = 0):
+    """A torchvision ImageFolder over ``root`` with timm's eval transform for ``model`` (resize, center crop,
+    normalize with the model's mean/std)."""
+    from timm.data import create_transform
+    from timm.data import resolve_model_data_config
+    from torchvision.datasets import ImageFolder
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"--data {str(root)!r} is not a directory (expected an ImageFolder tree: DIR/<class>/<image>)"
+        )
+    cfg = resolve_model_data_config(model)
+    cfg["input_size"] = (3, *eval_input_size(model))
+    transform = create_transform(**cfg, is_training=False)
+    image_root = _find_image_root(root)
+    try:
+        ds = ImageFolder(str(image_root), transform=transform)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise FileNotFoundError(f"--data {str(root)!r}: no ImageFolder images found ({exc})") from exc
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, drop_last=False)
+    return loader, ds
+
+
+# ------------------------------------------------------------------------------------------------------ loss
+def resolve_loss(loss: str, model: nn.Module, num_data_classes: int | None) -> str:
+    if loss not in LOSSES:
+        raise ValueError(f"loss={loss!r} is unknown; expected one of {LOSSES}")
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    if loss == "auto":
+        if num_classes == 0:
+            return "feature-norm"
+        return "ce" if num_data_classes is not None and num_data_classes == num_classes else "pseudo"
+    if loss in ("ce", "pseudo") and num_classes == 0:
+        raise ValueError(
+            f"loss={loss!r} needs a classifier, but the model has num_classes=0; use feature-norm or self-kl"
+        )
+    return loss
+
+
+def _pooled(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    feats = model.forward_features(images)
+    pre = model.forward_head(feats, pre_logits=True)
+    logits = model.forward_head(feats) if int(getattr(model, "num_classes", 0) or 0) > 0 else None
+    return pre, logits
+
+
+def _loss(kind: str, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Loss summed over the batch."""
+    pre, logits = _pooled(model, images)
+    if isinstance(logits, tuple):  # distilled DeiT in train mode; we run eval, but be safe
+        logits = sum(logits) / len(logits)
+    if kind == "ce":
+        if int(labels.max()) >= logits.shape[-1]:
+            raise ValueError(f"label {int(labels.max())} >= num_classes {logits.shape[-1]}; use --loss pseudo")
+        return F.cross_entropy(logits.float(), labels, reduction="sum")
+    if kind == "pseudo":
+        return F.cross_entropy(logits.float(), logits.detach().argmax(-1), reduction="sum")
+    if kind == "feature-norm":
+        return 0.5 * pre.float().pow(2).sum()
+    z = (logits if logits is not None else pre).float()
+    target = F.softmax(z.detach() / 0.04, dim=-1)
+    return F.kl_div(F.log_softmax(z / 0.1, dim=-1), target, reduction="sum")
+
+
+# --------------------------------------------------------------------------------------------------- compute
+def compute_importance(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    scores: Iterable[str] = ("gradient",),
+    loss: str = "auto",
+    num_data_classes: int | None = None,
+    batches: int | None = None,
+    device: torch.device | str = "cpu",
+    backend: str = "sdpa",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Average per-sample head scores over ``loader`` (``(images, labels)`` tuples or dict batches).
+
+    Returns ``{"scores": {kind: [L, H] list}, "num_images": int, "loss": str, "num_layers": L, "num_heads": H}``.
+    The model runs in eval mode; for gradient-based scores the backward computes activation gradients only
+    (parameters are frozen for the duration and restored afterwards).
+    """
+    from tqdm.auto import tqdm
+
+    from fastkd.models import AttentionTaps
+    from fastkd.models import attention_modules
+
+    scores = list(dict.fromkeys(scores))
+    for s in scores:
+        if s not in SCORES:
+            raise ValueError(f"score {s!r} is unknown; expected any of {SCORES}")
+    if not scores:
+        raise ValueError(f"scores must name at least one of {SCORES}")
+    device = torch.device(device)
+    need_grad = any(s in _NEEDS_GRAD for s in scores)
+    loss_kind = resolve_loss(loss, model, num_data_classes) if need_grad else "none"
+    record = set()
+    if "gradient" in scores:
+        record |= {"out", "grad_out"}
+    if "attribution" in scores:
+        record |= {"q", "k", "v", "grad_out", "lse"}
+    if "entropy" in scores:
+        record |= {"q", "k", "lse"}
+    layers = len(attention_modules(model))
+    was_training = model.training
+    req = {p: p.requires_grad for p in model.parameters()}
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    sums: dict[str, torch.Tensor | None] = {s: None for s in scores}
+    seen = 0
+    total = len(loader) if hasattr(loader, "__len__") else None
+    if batches is not None:
+        total = batches if total is None else min(total, batches)
+    taps = AttentionTaps(model, blocks="all", record=sorted(record), backend=backend)
+    try:
+        for step, batch in enumerate(tqdm(loader, total=total, desc="importance", disable=not progress)):
+            if batches is not None and step >= batches:
+                break
+            if isinstance(batch, dict):
+                images, labels = batch["images"], batch.get("labels")
+            else:
+                images, labels = batch[0], batch[1]
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device) if labels is not None else None
+            taps.clear()
+            if need_grad:
+                images = images.detach().requires_grad_(True)  # activation grads only, no weight grads
+                with torch.enable_grad():
+                    objective = _loss(loss_kind, model, images, labels)
+                    objective.backward()
+            else:
+                with torch.no_grad():
+                    model(images)
+            per_kind: dict[str, list[torch.Tensor]] = {s: [] for s in scores}
+            for rec in (taps[b] for b in range(layers)):
+                for s in scores:
+                    if s == "gradient":
+                        val = gradient_importance(rec.out, rec.grad_out)
+                    elif s == "attribution":
+                        val = attribution_importance(rec.q, rec.k, rec.v, rec.grad_out, scale=rec.scale, lse=rec.lse)
+                    else:
+                        val = entropy_importance(rec.q, rec.k, scale=rec.scale, lse=rec.lse)
+                    per_kind[s].append(val.sum(0).double().cpu())  # [H], summed over the batch
+            for s in scores:
+                stacked = torch.stack(per_kind[s])  # [L, H]
+                sums[s] = stacked if sums[s] is None else sums[s] + stacked
+            seen += images.shape[0]
+    finally:
+        taps.remove()
+        for p, r in req.items():
+            p.requires_grad_(r)
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("no images were scored: the data set is empty or --batches is 0")
+    out_scores = {s: (sums[s] / seen).tolist() for s in scores}
+    heads = len(next(iter(out_scores.values()))[0])
+    return {"scores": out_scores, "num_images": seen, "loss": loss_kind, "num_layers": layers, "num_heads": heads}
+
+
+def rank_heads(scores: list[list[float]], kind: str) -> dict[str, Any]:
+    """Ranking of every (layer, head) and the top head per layer for one score kind."""
+    t = torch.tensor(scores, dtype=torch.float64)
+    if kind == "entropy":
+        key, descending = t, False
+        normalized = t
+    else:
+        norm = t.norm(dim=1, keepdim=True)
+        normalized = t / torch.where(norm > 0, norm, torch.ones_like(norm))
+        key, descending = normalized, True
+    flat = key.flatten()
+    order = torch.argsort(flat, descending=descending, stable=True).tolist()
+    H = t.shape[1]
+    ranking = [
+        {"layer": i // H, "head": i % H, "score": float(t.flatten()[i]), "normalized": float(normalized.flatten()[i])}
+        for i in order
+    ]
+    top = (key.argmin(dim=1) if kind == "entropy" else key.argmax(dim=1)).tolist()
+    return {
+        "order": "ascending" if kind == "entropy" else "descending",
+        "normalized": normalized.tolist(),
+        "ranking": ranking,
+        "top_head_per_layer": top,
+    }
+
+
+def write_heatmap(result: dict[str, Any], path: str | os.PathLike) -> None:
+    """Layer x head heatmap per score kind; the top head of each layer is marked."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    kinds = list(result["scores"])
+    L, H = result["num_layers"], result["num_heads"]
+    fig, axes = plt.subplots(
+        1, len(kinds), figsize=(1.2 + 0.45 * H * len(kinds) + 1.5 * len(kinds), 1.5 + 0.35 * L), squeeze=False
+    )
+    for ax, kind in zip(axes[0], kinds):
+        data = result["rankings"][kind]["normalized"] if kind != "entropy" else result["scores"][kind]
+        im = ax.imshow(data, aspect="auto", cmap="viridis_r" if kind == "entropy" else "viridis")
+        for layer, head in enumerate(result["rankings"][kind]["top_head_per_layer"]):
+            ax.plot(head, layer, marker="*", color="red", markersize=8)
+        ax.set_title(kind + (" (nats)" if kind == "entropy" else " (layer-normalized)"), fontsize=9)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_xticks(range(H))
+        ax.set_yticks(range(L))
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(f"{result['model']} head importance ({result['num_images']} images)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+def _parse_model_args(items: list[str] | None) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--model-arg expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument(
+        "--model", required=True, help="timm model name, e.g. deit_small_patch16_224 or vit_small_patch16_224.dino"
+    )
+    g.add_argument(
+        "--weights",
+        required=True,
+        help="local weights file (.safetensors recommended; .pth/.pt load with weights_only=True; .npz)",
+    )
+    g.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow torch.load(weights_only=False): runs pickled code from the file -- trusted files only",
+    )
+    g.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="classifier size of the checkpoint (0 for a self-supervised backbone without a head)",
+    )
+    g.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
+    g.add_argument(
+        "--model-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="extra timm.create_model argument (repeatable), e.g. --model-arg drop_path_rate=0",
+    )
+    g = parser.add_argument_group("scoring")
+    g.add_argument("--data", required=True, help="ImageFolder directory (DIR/<class>/<img>, or DIR/val/<class>/<img>)")
+    g.add_argument(
+        "--score",
+        default="gradient",
+        help="comma-separated kinds among gradient, attribution, entropy, or 'all'. gradient (Michel et al. "
+        "2019) is the cheapest and the usual choice; the first kind listed drives `ranking`",
+    )
+    g.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default="auto",
+        help="objective for gradient/attribution: auto picks ce when the classifier matches the folder's "
+        "classes, pseudo (the model's own top-1) for another classifier, feature-norm without one",
+    )
+    g.add_argument(
+        "--batches",
+        type=int,
+        default=None,
+        help="stop after N batches (a few thousand images usually give a stable ranking)",
+    )
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    g.add_argument(
+        "--backend",
+        choices=("sdpa", "xformers", "auto"),
+        default="sdpa",
+        help="attention backend during scoring (xformers also returns the LSE the streaming kernels reuse)",
+    )
+    g = parser.add_argument_group("output")
+    g.add_argument("--out", default="importance_out", help="output directory for importance.json and importance.png")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    g.add_argument("--no-plot", action="store_true", help="skip importance.png")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _parse_scores(text: str) -> list[str]:
+    kinds = list(SCORES) if text.strip() == "all" else [s.strip() for s in text.split(",") if s.strip()]
+    for s in kinds:
+        if s not in SCORES:
+            raise ValueError(f"--score: {s!r} is unknown; expected a comma-separated list of {SCORES} or 'all'")
+    if not kinds:
+        raise ValueError(f"--score: expected a comma-separated list of {SCORES} or 'all'")
+    return kinds
+
+
+def run(args: argparse.Namespace) -> int:
+    import timm
+
+    import fastkd
+    from fastkd.models import build_model
+
+    kinds = _parse_scores(args.score)
+    kwargs = _parse_model_args(args.model_arg)
+    if args.img_size is not None:
+        kwargs["img_size"] = args.img_size
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = build_model(
+        args.model, weights=args.weights, num_classes=args.num_classes, trust_checkpoint=args.trust_checkpoint, **kwargs
+    )
+    loader, ds = build_eval_loader(args.data, model, batch_size=args.batch_size, workers=args.workers)
+    result = compute_importance(
+        model,
+        loader,
+        scores=kinds,
+        loss=args.loss,
+        num_data_classes=len(ds.classes),
+        batches=args.batches,
+        device=device,
+        backend=args.backend,
+        progress=not args.quiet,
+    )
+    result["rankings"] = {k: rank_heads(result["scores"][k], k) for k in kinds}
+    primary = kinds[0]
+    result.update(
+        {
+            "format": "fastkd.importance/1",
+            "model": args.model,
+            "weights": str(Path(args.weights).resolve()),
+            "data": str(Path(args.data).resolve()),
+            "primary": primary,
+            "ranking": result["rankings"][primary]["ranking"],
+            "top_head_per_layer": result["rankings"][primary]["top_head_per_layer"],
+            "metadata": {
+                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "device": torch.cuda.get_device_name(device)
+                if device.type == "cuda"
+                else platform.processor() or "cpu",
+                "fastkd": fastkd.__version__,
+                "torch": torch.__version__,
+                "timm": timm.__version__,
+                "batch_size": args.batch_size,
+                "batches": args.batches,
+                "backend": args.backend,
+                "model_args": kwargs,
+                "num_classes": int(getattr(model, "num_classes", 0) or 0),
+                "data_classes": len(ds.classes),
+            },
+        }
+    )
+    for kind, table in result["scores"].items():
+        if not all(math.isfinite(x) for row in table for x in row):
+            raise RuntimeError(f"non-finite {kind} scores; check the weights and the data")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # column order: what a reader needs first
+    ordered = {
+        k: result[k]
+        for k in (
+            "format",
+            "model",
+            "weights",
+            "data",
+            "primary",
+            "num_layers",
+            "num_heads",
+            "num_images",
+            "loss",
+            "top_head_per_layer",
+            "scores",
+            "ranking",
+            "rankings",
+            "metadata",
+        )
+    }
+    tmp = out / "importance.json.tmp"
+    tmp.write_text(json.dumps(ordered, indent=1))
+    tmp.replace(out / "importance.json")
+    if not args.no_plot:
+        write_heatmap(result, out / "importance.png")
+    tops = ", ".join(f"L{i}:h{h}" for i, h in enumerate(result["top_head_per_layer"]))
+    print(
+        f"scored {result['num_images']} images ({', '.join(kinds)}; loss={result['loss']}); top head per layer "
+        f"by {primary}: {tops}\nwrote {out / 'importance.json'}"
+        + ("" if args.no_plot else f" and {out / 'importance.png'}")
+    )
+    return 0

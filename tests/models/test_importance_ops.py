@@ -1,0 +1,160 @@
+"""Head-importance scores vs the materializing references; the Triton kernels run under the interpreter."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastkd import importance_ops as ops
+from fastkd.kernels import head_importance_torch
+from fastkd.kernels import reference as ref
+from tests.utils import assert_close_rel
+
+# (B, H, N, d, d_v): ViT-S/16 at 224 (N=197), an odd N and head dim, a single row, a mid-size power-of-2-ish
+SHAPES = [(1, 2, 197, 64, 64), (2, 3, 37, 24, 40), (2, 2, 1, 16, 16), (1, 2, 70, 32, 32)]
+IMPLS = ["torch", "triton", "reference"]
+
+
+def _inputs(B, H, N, d, dv, dtype=torch.float32, spread=2.0):
+    # a spread > 1 gives peaked (low-entropy) rows as well as flat ones
+    q = torch.randn(B, H, N, d) * spread
+    k = torch.randn(B, H, N, d)
+    v = torch.randn(B, H, N, dv)
+    do = torch.randn(B, H, N, dv)
+    return [t.to(dtype) for t in (q, k, v, do)]
+
+
+def _lse(q, k, scale):
+    return torch.logsumexp(scale * q.double() @ k.double().transpose(-1, -2), -1).float()
+
+
+# the streaming implementations with and without a given LSE; the forced reference path (always materializes)
+IMPL_LSE = [("torch", False), ("torch", True), ("triton", False), ("triton", True), ("reference", False)]
+
+
+@pytest.mark.parametrize("impl,with_lse", IMPL_LSE, ids=lambda x: str(x))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_attribution_and_entropy_match_reference(monkeypatch, impl, shape, with_lse):
+    monkeypatch.setenv("FASTKD_KERNELS", impl)
+    B, H, N, d, dv = shape
+    q, k, v, do = _inputs(*shape)
+    scale = 0.7 / math.sqrt(d)  # not the default, so a dropped scale would show
+    lse = _lse(q, k, scale) if with_lse else None
+    a = ops.attribution_importance(q, k, v, do, scale=scale, lse=lse)
+    e = ops.entropy_importance(q, k, scale=scale, lse=lse)
+    assert a.shape == (B, H) and e.shape == (B, H) and a.dtype == torch.float32
+    assert_close_rel(a, ref.attribution_importance_reference(q, k, v, do, scale), 2e-5, f"{impl} attribution")
+    assert_close_rel(e, ref.entropy_importance_reference(q, k, scale), 2e-5, f"{impl} entropy", atol=2e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradient_score_matches_reference(monkeypatch, impl):
+    monkeypatch.setenv("FASTKD_KERNELS", impl)
+    q, k, v, do = _inputs(2, 3, 197, 32, 32)
+    expected = ref.gradient_importance_reference(q, k, v, do, 32**-0.5)
+    got = ops.head_importance(q, k, v, do, score="gradient")  # recomputes out from q, k, v
+    assert_close_rel(got, expected, 2e-5, f"{impl} gradient")
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert_close_rel(ops.gradient_importance(out, do), expected, 2e-5, "gradient from out")
+    # the dispatcher routes the other kinds to the same ops
+    assert_close_rel(
+        ops.head_importance(q, k, v, do, score="attribution"),
+        ref.attribution_importance_reference(q, k, v, do, 32**-0.5),
+        2e-5,
+        "head_importance attribution",
+    )
+    assert_close_rel(
+        ops.head_importance(q, k, score="entropy"),
+        ref.entropy_importance_reference(q, k, 32**-0.5),
+        2e-5,
+        "head_importance entropy",
+    )
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs(monkeypatch, impl, dtype):
+    """fp32 accumulation: error vs the fp64 reference on the same (rounded) inputs stays at fp32 level."""
+    monkeypatch.setenv("FASTKD_KERNELS", impl)
+    q, k, v, do = _inputs(1, 2, 50, 64, 64, dtype=dtype)
+    scale = 64**-0.5
+    assert_close_rel(
+        ops.attribution_importance(q, k, v, do),
+        ref.attribution_importance_reference(q, k, v, do, scale),
+        1e-4,
+        f"{impl} {dtype} attribution",
+    )
+    assert_close_rel(
+        ops.entropy_importance(q, k),
+        ref.entropy_importance_reference(q, k, scale),
+        1e-4,
+        f"{impl} {dtype} entropy",
+        atol=1e-5,
+    )
+
+
+def test_streaming_torch_chunks_and_strides():
+    """Chunked over a few rows at a time, on non-contiguous [B, N, H, d] -> [B, H, N, d] views (like the taps)."""
+    B, N, H, d = 2, 45, 3, 16
+    q, k, v, do = (torch.randn(B, N, H, d).transpose(1, 2) for _ in range(4))
+    assert not q.is_contiguous()
+    scale = d**-0.5
+    a = head_importance_torch.attribution_importance(q, k, v, do, scale, chunk_rows=7)
+    e = head_importance_torch.entropy_importance(q, k, scale, chunk_rows=7)
+    assert_close_rel(a, ref.attribution_importance_reference(q, k, v, do, scale), 1e-5, "chunked attribution")
+    assert_close_rel(e, ref.entropy_importance_reference(q, k, scale), 1e-5, "chunked entropy", atol=1e-6)
+
+
+def test_triton_non_contiguous(monkeypatch):
+    monkeypatch.setenv("FASTKD_KERNELS", "triton")
+    B, N, H, d = 1, 33, 2, 16
+    q, k, v, do = (torch.randn(B, N, H, d).transpose(1, 2) for _ in range(4))
+    assert_close_rel(
+        ops.attribution_importance(q, k, v, do),
+        ref.attribution_importance_reference(q, k, v, do, 0.25),
+        2e-5,
+        "strided attribution",
+    )
+
+
+def test_entropy_limits():
+    """Uniform rows (q = 0) have entropy log N; one dominant key per row gives ~0."""
+    q = torch.zeros(1, 2, 10, 16)
+    k = torch.randn(1, 2, 10, 16)
+    assert_close_rel(ops.entropy_importance(q, k), torch.full((1, 2), math.log(10)), 1e-6, "uniform")
+    k = torch.zeros(1, 1, 10, 16)
+    k[..., 3, 0] = 1.0
+    q = torch.zeros(1, 1, 10, 16)
+    q[..., 0] = 400.0
+    assert float(ops.entropy_importance(q, k, scale=1.0).max()) < 1e-6
+
+
+def test_no_autograd_graph():
+    q, k, v, do = (t.requires_grad_(True) for t in _inputs(1, 2, 9, 16, 16))
+    assert not ops.attribution_importance(q, k, v, do).requires_grad
+    assert not ops.entropy_importance(q, k).requires_grad
+    assert not ops.gradient_importance(v, do).requires_grad
+
+
+def test_bad_inputs_name_the_argument():
+    q, k, v, do = _inputs(2, 3, 11, 16, 8)
+    with pytest.raises(ValueError, match=r"q must have shape \[B, H, N, d\]"):
+        ops.entropy_importance(q[0], k)
+    with pytest.raises(ValueError, match=r"q \[2, 3, 11, 16\] and k"):
+        ops.entropy_importance(q, k[:, :2])
+    with pytest.raises(ValueError, match=r"v must have shape \[B, H, N, d_v\] = \[2, 3, 11, d_v\]"):
+        ops.attribution_importance(q, k, v[:, :, :5], do)
+    with pytest.raises(ValueError, match="grad_out must have the shape of v"):
+        ops.attribution_importance(q, k, v, do[..., :4])
+    with pytest.raises(ValueError, match=r"lse must be a float tensor of shape \[B, H, N\] = \[2, 3, 11\]"):
+        ops.entropy_importance(q, k, lse=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="scale must be a positive"):
+        ops.entropy_importance(q, k, scale=-1.0)
+    with pytest.raises(ValueError, match="score="):
+        ops.head_importance(q, k, v, do, score="magnitude")
+    with pytest.raises(ValueError, match="needs v and grad_out"):
+        ops.head_importance(q, k, score="attribution")
+    with pytest.raises(ValueError, match="float16, bfloat16"):
+        ops.entropy_importance(q.long(), k.long())
