@@ -193,6 +193,7 @@ def _dscores(s, t, lse_s, lse_t, g, kl, valid, REVERSE: tl.constexpr):
 @triton.jit
 def _attention_kl_bwd_dq_kernel(
     QS, KS, QT, KT, PAIRS, ROWS, MASK, LSE_S, LSE_T, KL, GRAD, DQ,  #
+    stride_ob, stride_oh, stride_on, stride_od,  #
     stride_qsb, stride_qsh, stride_qsn, stride_qsd,  #
     stride_ksb, stride_ksh, stride_ksn, stride_ksd,  #
     stride_qtb, stride_qth, stride_qtn, stride_qtd,  #
@@ -201,6 +202,7 @@ def _attention_kl_bwd_dq_kernel(
     N, R, P, DS, DT, scale_s, scale_t,  #
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,  #
     HAS_MASK: tl.constexpr, REVERSE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,  #
+    DIRECT: tl.constexpr,  #
 ):
     pid_m = tl.program_id(0)
     pid_bp = tl.program_id(1)
@@ -247,13 +249,18 @@ def _attention_kl_bwd_dq_kernel(
         t = _logits(qt, kt, scale_t, PRECISION)
         ds = _dscores(s, t, lse_s, lse_t, g, kl, valid, REVERSE)
         dq += tl.dot(ds.to(ks.dtype), ks, input_precision=PRECISION)
-    d_out = DQ + row_out[:, None] * DS + offs_ds[None, :]
-    tl.store(d_out, dq, mask=row_ok[:, None] & (offs_ds[None, :] < DS))
+    # DIRECT: straight into dq_s[b, h_s, row] (student heads and rows unique); else into the [B, P, R, d_s] buffer
+    if DIRECT:
+        d_out = DQ + b * stride_ob + hs * stride_oh + rows[:, None] * stride_on + offs_ds[None, :] * stride_od
+    else:
+        d_out = DQ + b * stride_ob + p * stride_oh + offs_m[:, None] * stride_on + offs_ds[None, :] * stride_od
+    tl.store(d_out, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_ds[None, :] < DS))
 
 
 @triton.jit
 def _attention_kl_bwd_dk_kernel(
     QS, KS, QT, KT, PAIRS, ROWS, MASK, LSE_S, LSE_T, KL, GRAD, DK,  #
+    stride_ob, stride_oh, stride_on, stride_od,  #
     stride_qsb, stride_qsh, stride_qsn, stride_qsd,  #
     stride_ksb, stride_ksh, stride_ksn, stride_ksd,  #
     stride_qtb, stride_qth, stride_qtn, stride_qtd,  #
@@ -262,6 +269,7 @@ def _attention_kl_bwd_dk_kernel(
     N, R, P, DS, DT, scale_s, scale_t,  #
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,  #
     HAS_MASK: tl.constexpr, REVERSE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,  #
+    DIRECT: tl.constexpr,  #
 ):
     pid_n = tl.program_id(0)
     pid_bp = tl.program_id(1)
@@ -301,8 +309,11 @@ def _attention_kl_bwd_dk_kernel(
         t = _logits(qt, tl.trans(kt), scale_t, PRECISION)
         ds = _dscores(s, t, lse_s, lse_t, g, kl, tile_ok, REVERSE)
         dk += tl.dot(tl.trans(ds.to(qs.dtype)), qs, input_precision=PRECISION)
-    d_out = DK + (pid_bp.to(tl.int64) * N + offs_n[:, None]) * DS + offs_ds[None, :]
-    tl.store(d_out, dk, mask=key_in[:, None] & (offs_ds[None, :] < DS))
+    if DIRECT:
+        d_out = DK + b * stride_ob + hs * stride_oh + offs_n[:, None] * stride_on + offs_ds[None, :] * stride_od
+    else:
+        d_out = DK + b * stride_ob + p * stride_oh + offs_n[:, None] * stride_on + offs_ds[None, :] * stride_od
+    tl.store(d_out, dk.to(DK.dtype.element_ty), mask=key_in[:, None] & (offs_ds[None, :] < DS))
 
 
 # ------------------------------------------------------------------------------------------------- launchers
@@ -375,16 +386,27 @@ def attention_kl_backward(grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale
                           lse_s_rows, lse_t_rows, kl):
     """Launch the two backward kernels; returns ``(dq_s, dk_s)`` in the dtypes of ``q_s, k_s``.
 
-    Each (batch, pair) program writes its own slice of fp32 buffers ``[B, P, R, d_s]`` and ``[B, P, N, d_s]``;
-    the scatter to student heads/rows (pairs may repeat a student head, rows may repeat) is one index_add,
-    so the result is deterministic (no atomics).
+    When every pair has its own student head and the rows are distinct (the common case), each element of
+    ``dq_s``/``dk_s`` has exactly one writer and the kernels store straight into them in the input dtype.
+    Otherwise (a student head in several pairs, repeated rows) each (batch, pair) program writes its own slice
+    of fp32 buffers ``[B, P, R, d_s]`` / ``[B, P, N, d_s]`` and one index_add sums them: deterministic, no atomics.
     """
     B, H_s, N, DS = q_s.shape
     DT = q_t.shape[-1]
     P, R = pairs.shape[0], rows.numel()
     dev = q_s.device
-    dq_rows = torch.zeros(B, P, R, DS, dtype=torch.float32, device=dev)
-    dk_pairs = torch.zeros(B, P, N, DS, dtype=torch.float32, device=dev)
+    heads = pairs[:, 0].tolist()
+    unique_heads = len(set(heads)) == P
+    unique_rows = R <= 1 or torch.unique(rows).numel() == R
+    direct = unique_heads and unique_rows
+    if direct:
+        covers_all = P == H_s and R == N  # every head and row written: no zero fill needed
+        dq = (torch.empty if covers_all else torch.zeros)(q_s.shape, dtype=q_s.dtype, device=dev)
+        dk = (torch.empty if P == H_s else torch.zeros)(k_s.shape, dtype=k_s.dtype, device=dev)
+        dq_out, dk_out = dq, dk
+    else:
+        dq_out = torch.zeros(B, P, R, DS, dtype=torch.float32, device=dev)
+        dk_out = torch.zeros(B, P, N, DS, dtype=torch.float32, device=dev)
     if B * P * R > 0:
         pairs32 = pairs.to(device=dev, dtype=torch.int32).contiguous()
         rows32 = rows.to(device=dev, dtype=torch.int32).contiguous()
@@ -394,7 +416,7 @@ def attention_kl_backward(grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale
         common = dict(
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_DS=head_block(DS), BLOCK_DT=head_block(DT),
             HAS_MASK=has_mask, REVERSE=bool(reverse), UPCAST=upcast_inputs(q_s, q_t),
-            PRECISION=_precision(q_s, q_t), num_warps=warps,
+            PRECISION=_precision(q_s, q_t), DIRECT=direct, num_warps=warps,
         )  # fmt: skip
         args = (
             *_strides4(q_s), *_strides4(k_s), *_strides4(q_t), *_strides4(k_t), smb, smn,
@@ -402,18 +424,22 @@ def attention_kl_backward(grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale
         )  # fmt: skip
         with device_guard(q_s):
             _attention_kl_bwd_dq_kernel[(triton.cdiv(R, BLOCK_M), B * P)](
-                q_s, k_s, q_t, k_t, pairs32, rows32, mask, lse_s_rows, lse_t_rows, kl, grad, dq_rows, *args, **common
-            )
+                q_s, k_s, q_t, k_t, pairs32, rows32, mask, lse_s_rows, lse_t_rows, kl, grad, dq_out,
+                *_strides4(dq_out), *args, **common,
+            )  # fmt: skip
             _attention_kl_bwd_dk_kernel[(triton.cdiv(N, BLOCK_N), B * P)](
-                q_s, k_s, q_t, k_t, pairs32, rows32, mask, lse_s_rows, lse_t_rows, kl, grad, dk_pairs, *args, **common
-            )
+                q_s, k_s, q_t, k_t, pairs32, rows32, mask, lse_s_rows, lse_t_rows, kl, grad, dk_out,
+                *_strides4(dk_out), *args, **common,
+            )  # fmt: skip
+    if direct:
+        return dq, dk
     hs = pairs[:, 0].to(dev)
     dq = torch.zeros(q_s.shape, dtype=torch.float32, device=dev)
     dq.permute(1, 2, 0, 3).index_put_(
-        (hs[:, None].expand(P, R), rows.to(dev)[None, :].expand(P, R)), dq_rows.permute(1, 2, 0, 3), accumulate=True
+        (hs[:, None].expand(P, R), rows.to(dev)[None, :].expand(P, R)), dq_out.permute(1, 2, 0, 3), accumulate=True
     )
     dk = torch.zeros(k_s.shape, dtype=torch.float32, device=dev)
-    dk.index_add_(1, hs, dk_pairs)
+    dk.index_add_(1, hs, dk_out)
     return dq.to(q_s.dtype), dk.to(k_s.dtype)
 
 

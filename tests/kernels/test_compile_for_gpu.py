@@ -51,8 +51,8 @@ def compile_all(dtype: str, arch: int, reverse: bool) -> dict:
         (K._attention_kl_fwd_kernel,
          dict(qk, LSE_A_IN="*fp32", LSE_B_IN="*fp32", KL="*fp32", LSE_S_OUT="*fp32", LSE_T_OUT="*fp32"),
          dict(common, HAS_LSE_A=not reverse, HAS_LSE_B=False)),
-        (K._attention_kl_bwd_dq_kernel, dict(qk, **stats, DQ="*fp32"), common),
-        (K._attention_kl_bwd_dk_kernel, dict(qk, **stats, DK="*fp32"), common),
+        (K._attention_kl_bwd_dq_kernel, dict(qk, **stats, DQ=f"*{dtype}"), dict(common, DIRECT=True)),
+        (K._attention_kl_bwd_dk_kernel, dict(qk, **stats, DK="*fp32"), dict(common, DIRECT=False)),
     ]  # fmt: skip
     out = {}
     for fn, pointers, constexprs in kernels:
