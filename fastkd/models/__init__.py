@@ -18,6 +18,7 @@ Example::
     t, s = t_taps[-1], s_taps[-1]           # AttentionRecord: .q .k [B,H,N,d], .scale, .lse (or None)
 """
 
+from fastkd.models import involution  # noqa: F401  (registers RedNet / involution models with timm)
 from fastkd.models.build import CheckpointError
 from fastkd.models.build import LoadReport
 from fastkd.models.build import build_model

@@ -1,0 +1,171 @@
+"""DeiT distillation token: hard and soft losses against a materializing reference, inference rule, errors."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import fastkd.methods as M
+
+NUM_CLASSES = 5
+_PARAMS = ("distillation_type, alpha, temperature, kd_reduction, soft_targets", [
+    ("hard", 0.5, 1.0, "numel", False),
+    ("hard", 0.3, 1.0, "numel", True),
+    ("soft", 0.5, 1.0, "numel", False),
+    ("soft", 0.7, 3.0, "batchmean", True),
+])
+
+
+def tiny_distilled_vit(num_classes=NUM_CLASSES):
+    return timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=32,
+                             num_heads=2, num_classes=num_classes)
+
+
+def tiny_cnn(num_classes=NUM_CLASSES):
+    return timm.create_model("resnet10t", num_classes=num_classes)
+
+
+def make_batch(b=6, soft=False):
+    g = torch.Generator().manual_seed(2)
+    batch = {"images": torch.randn(b, 3, 32, 32, generator=g),
+             "labels": torch.randint(0, NUM_CLASSES, (b,), generator=g)}
+    if soft:
+        t = torch.rand(b, NUM_CLASSES, generator=g)
+        batch["targets"] = t / t.sum(1, keepdim=True)
+    return batch
+
+
+def log_softmax(z):
+    return z - torch.logsumexp(z, dim=1, keepdim=True)
+
+
+def reference_loss(student, teacher, batch, distillation_type, alpha, temperature, kd_reduction, smoothing=0.1):
+    """From METHODS.md §0 (DeiT), on timm's own (cls, dist) training outputs; label smoothing ε on hard labels."""
+    x = batch["images"]
+    student.set_distilled_training(True)
+    z_cls, z_dist = student(x)  # timm returns both heads in distilled training mode
+    with torch.no_grad():
+        z_t = teacher(x)
+    B, C = z_cls.shape
+    if "targets" in batch:
+        ce = -(batch["targets"] * log_softmax(z_cls)).sum() / B
+    else:
+        log_q = log_softmax(z_cls)
+        ce = (1 - smoothing) * -log_q[torch.arange(B), batch["labels"]].sum() / B + smoothing * -log_q.mean(1).mean()
+    if distillation_type == "hard":
+        y_t = z_t.argmax(1)
+        kd = -log_softmax(z_dist)[torch.arange(B), y_t].sum() / B
+    else:
+        T = temperature
+        p_t = torch.softmax(z_t / T, 1)
+        kl_sum = (p_t * (torch.log(p_t) - log_softmax(z_dist / T))).sum()
+        kd = T * T * kl_sum / (B * C if kd_reduction == "numel" else B)
+    return (1 - alpha) * ce + alpha * kd
+
+
+@pytest.mark.parametrize(*_PARAMS)
+def test_loss_and_grads_match_reference(distillation_type, alpha, temperature, kd_reduction, soft_targets):
+    student, teacher = tiny_distilled_vit(), tiny_cnn()
+    method = M.build("deit", student=student, teachers=[teacher], distillation_type=distillation_type, alpha=alpha,
+                     temperature=temperature, kd_reduction=kd_reduction)
+    method.train()
+    batch = make_batch(soft=soft_targets)
+    params = [p for p in method.parameters() if p.requires_grad]
+    out = method(batch)
+    torch.testing.assert_close(out["loss"], out["ce"] + out["kd"])
+    grads = torch.autograd.grad(out["loss"], params)
+    ref = reference_loss(student, teacher, batch, distillation_type, alpha, temperature, kd_reduction)
+    ref_grads = torch.autograd.grad(ref, params)
+    torch.testing.assert_close(out["loss"], ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    # both heads and the distillation token receive gradient
+    named = dict(zip([n for n, p in method.named_parameters() if p.requires_grad], grads))
+    assert named["student.dist_token"].abs().sum() > 0 and named["student.head_dist.weight"].abs().sum() > 0
+
+
+def test_defaults_are_deit_official():
+    method = M.build("deit", student=tiny_distilled_vit(), teachers=[tiny_cnn()])
+    assert (method.distillation_type, method.alpha, method.temperature) == ("hard", 0.5, 1.0)
+    assert method.kd_reduction == "numel" and method.label_smoothing == 0.1
+
+
+def test_predict_averages_heads_and_matches_timm_eval():
+    student = tiny_distilled_vit()
+    method = M.build("deit", student=student, teachers=[tiny_cnn()])
+    method.eval()
+    x = make_batch()["images"]
+    z_cls, z_dist = method.heads(x)
+    torch.testing.assert_close(method.predict(x), (z_cls + z_dist) / 2)
+    torch.testing.assert_close(method.predict(x), student(x))  # timm's eval rule
+    assert method.features(x).shape == (6, 32)
+
+
+def test_steps_reduce_loss():
+    method = M.build("deit", student=tiny_distilled_vit(), teachers=[tiny_cnn()])
+    method.train()
+    batch = make_batch()
+    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=2e-3)
+    losses = []
+    for _ in range(6):
+        loss = method(batch)["loss"]
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < losses[0]
+
+
+def test_bad_configurations():
+    plain = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2,
+                              num_classes=NUM_CLASSES)
+    with pytest.raises(TypeError, match="distillation token"):
+        M.build("deit", student=plain, teachers=[tiny_cnn()])
+    with pytest.raises(ValueError, match="exactly 1 teacher"):
+        M.build("deit", student=tiny_distilled_vit(), teachers=[])
+    with pytest.raises(ValueError, match="distillation_type"):
+        M.build("deit", student=tiny_distilled_vit(), teachers=[tiny_cnn()], distillation_type="medium")
+    with pytest.raises(ValueError, match="kd_reduction"):
+        M.build("deit", student=tiny_distilled_vit(), teachers=[tiny_cnn()], kd_reduction="mean")
+    method = M.build("deit", student=tiny_distilled_vit(), teachers=[tiny_cnn(num_classes=3)])
+    with pytest.raises(ValueError, match="number of classes"):
+        method(make_batch())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# recipes
+
+
+def _recipe_check(official, tiny, batch):
+    """Every official recipe validates and its method params bind to the constructor; the tiny recipe builds its
+    models and method and computes a finite loss."""
+    import inspect
+
+    from fastkd.config import load_config
+    from fastkd.data import DataConfig
+
+    for name in official:
+        cfg = load_config(name)
+        DataConfig.from_any(cfg.data)
+        M.available()  # imports every method module
+        cls = M.base.REGISTRY[cfg.method.name]
+        inspect.signature(cls).bind(student=None, teachers=[], **cfg.method.params)
+    cfg = load_config(tiny)
+    DataConfig.from_any(cfg.data)
+    n = cfg.data.num_classes
+    student = timm.create_model(cfg.student.name, **{"num_classes": n, **cfg.student.kwargs})
+    teachers = [timm.create_model(t.name, **{"num_classes": n, **t.kwargs}) for t in cfg.teachers]
+    method = M.build(cfg.method.name, student=student, teachers=teachers, **cfg.method.params).train()
+    out = method(batch)
+    assert torch.isfinite(out["loss"])
+    return cfg, method
+
+
+def test_recipes():
+    g = torch.Generator().manual_seed(0)
+    batch = {"images": torch.randn(4, 3, 32, 32, generator=g), "labels": torch.randint(0, 10, (4,), generator=g)}
+    cfg, method = _recipe_check(["deit_s_in1k"], "deit_tiny", batch)
+    official = __import__("fastkd.config", fromlist=["load_config"]).load_config("deit_s_in1k")
+    assert official.student.name == "deit_small_distilled_patch16_224" and official.teachers[0].name == "regnety_160"
+    assert official.method.params["distillation_type"] == "hard"

@@ -1,0 +1,285 @@
+"""ScaleKD: loss and gradients against a materializing reference (METHODS.md 5), training, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.resnet import BasicBlock
+from timm.models.resnet import ResNet
+
+import fastkd.methods as M
+from fastkd.methods.scalekd import frequency_mimic_loss
+from fastkd.models import Teacher
+from fastkd.models.teacher import IMAGENET_MEAN
+from fastkd.models.teacher import IMAGENET_STD
+
+NUM_CLASSES = 5
+IMG = 64
+
+
+def swin_teacher(seed=1):
+    torch.manual_seed(seed)
+    return timm.create_model("swin_tiny_patch4_window7_224", img_size=IMG, embed_dim=16, depths=(1, 1, 1, 1),
+                             num_heads=(1, 1, 2, 2), window_size=4, num_classes=NUM_CLASSES)  # s3 4x4x64, s4 2x2x128
+
+
+def vit_teacher(seed=1):
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", img_size=IMG, depth=4, embed_dim=48, num_heads=2,
+                             num_classes=NUM_CLASSES)  # 4x4 grid, D = 48
+
+
+def vit_student(seed=0):
+    torch.manual_seed(seed)  # official ViT students: no CLS token, GAP head
+    return timm.create_model("vit_tiny_patch16_224", img_size=IMG, depth=4, embed_dim=32, num_heads=2,
+                             class_token=False, global_pool="avg", fc_norm=False, num_classes=NUM_CLASSES)
+
+
+def resnet_student(seed=0):
+    """A timm ResNet (BasicBlock, one block per stage) with narrow channels: layer3 4x4x64, layer4 2x2x128 at 64 px."""
+    torch.manual_seed(seed)
+    return ResNet(block=BasicBlock, layers=(1, 1, 1, 1), channels=(16, 32, 64, 128), stem_width=16,
+                  num_classes=NUM_CLASSES)
+
+
+def wrap(model):
+    return Teacher(model, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def make_batch(b=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {"images": torch.randn(b, 3, IMG, IMG, generator=g),
+            "labels": torch.randint(0, NUM_CLASSES, (b,), generator=g)}
+
+
+# --------------------------------------------------------------------------------------------- reference
+def dct_matrix(n):
+    """DCT-II (unnormalized, scipy norm=None): X_k = 2 Σ_i x_i cos(π k (2i+1) / (2n))."""
+    i = torch.arange(n, dtype=torch.float64)
+    return 2 * torch.cos(math.pi * i[:, None] * (2 * i[None, :] + 1) / (2 * n))
+
+
+def remove_dc_by_dct(x):
+    """METHODS.md 5.3 as written: 2-D DCT over (H, W), zero the (0, 0) coefficient, inverse DCT."""
+    H, W = x.shape[-2:]
+    Dh, Dw = dct_matrix(H).to(x.dtype), dct_matrix(W).to(x.dtype)
+    X = Dh @ x @ Dw.T
+    X = X.clone()
+    X[..., 0, 0] = 0
+    return torch.linalg.inv(Dh) @ X @ torch.linalg.inv(Dw).T
+
+
+def l_spat(p, t):
+    """(1/B) Σ_{b,h,w} || n(P)[b,:,h,w] − n(T)[b,:,h,w] ||², n = L2 over channels."""
+    n_p = p / p.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    n_t = t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return ((n_p - n_t) ** 2).sum() / p.shape[0]
+
+
+def l_freq(p, t):
+    return l_spat(remove_dc_by_dct(p), remove_dc_by_dct(t))
+
+
+def cap_reference(cap, x, query=None):
+    """CAP (METHODS.md 5.2) written out with the projector's parameters, attention materialized."""
+    conv, bn = cap.proj_student[0], cap.proj_student[1]
+    xs = F.relu(F.batch_norm(F.conv2d(x, conv.weight, conv.bias, padding=1), None, None, bn.weight, bn.bias, True,
+                             0.0, bn.eps)) + cap.pos_embed
+    B, C_t = x.shape[0], cap.teacher_dim
+    Hq, Wq = cap.query_hw
+    q0 = (cap.query.weight.reshape(1, Hq, Wq, C_t).permute(0, 3, 1, 2).expand(B, -1, -1, -1) if query is None
+          else query.transpose(1, 2).reshape(B, C_t, Hq, Wq))
+    q0 = F.relu(F.conv2d(q0, cap.proj_query[0].weight, cap.proj_query[0].bias)).flatten(2).transpose(1, 2)
+    kv = xs.flatten(2).transpose(1, 2)
+    h, d = cap.num_heads, C_t // cap.num_heads
+
+    def heads(t):
+        return t.reshape(B, -1, h, d).transpose(1, 2)
+
+    q, k, v = heads(cap.q(q0)), heads(cap.k(kv)), heads(cap.v(kv))
+    attn = torch.softmax(q @ k.transpose(-1, -2) * d**-0.5 * 5.0, dim=-1)
+    y = cap.proj((attn @ v).transpose(1, 2).reshape(B, -1, C_t))
+    z = F.layer_norm(y, (C_t,), cap.norm.weight, cap.norm.bias, cap.norm.eps)
+    return z + cap.ffn.fc2(F.relu(cap.ffn.fc1(z)))
+
+
+def grid(tokens, hw):
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *hw)
+
+
+def student_feats(student, x):
+    store = {}
+    if hasattr(student, "blocks"):  # ViT: s3 = tokens after block 3 of 4 (9 of 12), s4 = final tokens
+        h = student.blocks[2].register_forward_hook(lambda m, i, o: store.__setitem__("s3", o))
+        feats = student.forward_features(x)
+        h.remove()
+        logits = student.forward_head(feats)
+        return grid(store["s3"], (4, 4)), grid(feats, (4, 4)), logits
+    hs = [student.layer3.register_forward_hook(lambda m, i, o: store.__setitem__("s3", o)),
+          student.layer4.register_forward_hook(lambda m, i, o: store.__setitem__("s4", o))]
+    logits = student(x)
+    for h in hs:
+        h.remove()
+    return store["s3"], store["s4"], logits
+
+
+def reference_loss(method, student, teacher, batch, *, alpha_kd=0.5, T=1.0, a_spat=0.08, a_freq=0.06):
+    x, y = batch["images"], batch["labels"]
+    s3, s4, z_s = student_feats(student, x)
+    swin = hasattr(teacher, "layers")
+    with torch.no_grad():
+        f = teacher.forward_features(x)
+        z_t = teacher.forward_head(f)
+        t4 = f.permute(0, 3, 1, 2) if swin else grid(f[:, 1:], (4, 4))
+    if swin:
+        def tpp(tok):  # stage-4 patch merging + blocks + final LN, frozen weights
+            return teacher.norm(teacher.layers[-1](tok.reshape(tok.shape[0], 4, 4, -1))).reshape(tok.shape[0], 4, -1)
+
+        def last(tok):
+            return tok
+        hw4 = (2, 2)
+    else:
+        def tpp(tok):  # blocks 2..2 of 4 ("blocks 9-11 of 12")
+            return teacher.blocks[2](tok)
+
+        def last(tok):  # last block + final LN
+            return teacher.norm(teacher.blocks[3](tok))
+        hw4 = (4, 4)
+    ce = F.cross_entropy(z_s, y)
+    kd = -(torch.softmax(z_t / T, -1) * torch.log_softmax(z_s / T, -1)).sum(-1).mean() * T * T
+    loss = (1 - alpha_kd) * ce + alpha_kd * kd
+    parts = {"ce": ce, "kd": kd}
+    for view, fn, a in (("spat", l_spat, a_spat), ("freq", l_freq, a_freq)):
+        cap3, cap4 = getattr(method, f"cap_s3_{view}"), getattr(method, f"cap_s4_{view}")
+        r = tpp(cap_reference(cap3, s3))
+        p4 = last(cap_reference(cap4, s4, query=r))
+        parts[f"s3_{view}"], parts[f"s4_{view}"] = fn(grid(r, hw4), t4), fn(grid(p4, hw4), t4)
+        loss = loss + a * (parts[f"s3_{view}"] + parts[f"s4_{view}"])
+    return loss, parts
+
+
+def grads(module):
+    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+_PAIRS = ("make_student, make_teacher, heads", [
+    (vit_student, swin_teacher, (2, 4)),
+    (resnet_student, vit_teacher, (2, 2)),
+    (resnet_student, swin_teacher, (4, 8)),
+])
+
+
+@pytest.mark.parametrize(*_PAIRS)
+def test_matches_reference(make_student, make_teacher, heads):
+    student, teacher = make_student(), make_teacher()
+    method = M.build("scalekd", student=student, teachers=[wrap(teacher)], cap_heads=heads)
+    method.double(), teacher.double()  # fp64: compare gradients tightly (through the BN / TPP / CAP chain)
+    batch = make_batch()
+    batch["images"] = batch["images"].double()
+    out = method(batch)
+    out["loss"].backward()
+    g_method = grads(method)
+    method.zero_grad()
+    ref, parts = reference_loss(method, student, teacher, batch)
+    ref.backward()
+    g_ref = grads(method)
+    for k, v in parts.items():
+        torch.testing.assert_close(out[k].double(), v.double(), rtol=1e-6, atol=1e-8, msg=lambda m, k=k: f"{k}: {m}")
+        assert float(v) > 0
+    torch.testing.assert_close(out["loss"].double(), ref.double(), rtol=1e-6, atol=1e-8)
+    assert set(g_method) == set(g_ref)
+    assert any(n.startswith("cap_s3_freq") for n in g_ref) and any(n.startswith("student") for n in g_ref)
+    for n in g_ref:
+        torch.testing.assert_close(g_method[n], g_ref[n], rtol=1e-5, atol=1e-8, msg=lambda m, n=n: f"{n}: {m}")
+    assert not any(p.grad is not None for p in teacher.parameters())  # frozen teacher, grad through activations
+
+
+def test_dc_removal_identity():
+    """Zeroing the DCT DC coefficient == per-channel spatial mean removal (the simplification the method uses)."""
+    x = torch.randn(2, 3, 5, 7, dtype=torch.float64)
+    torch.testing.assert_close(remove_dc_by_dct(x), x - x.mean(dim=(2, 3), keepdim=True))
+    p, t = torch.randn(2, 6, 4, 4), torch.randn(2, 6, 4, 4)
+    torch.testing.assert_close(frequency_mimic_loss(p, t).double(), l_freq(p.double(), t.double()), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_training_reduces_loss():
+    student, teacher = vit_student(), swin_teacher()
+    method = M.build("scalekd", student=student, teachers=[wrap(teacher)], cap_heads=(2, 4))
+    opt = torch.optim.AdamW(method.parameters(), lr=1e-3)
+    batch = make_batch(b=4)
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        out = method(batch)
+        out["loss"].backward()
+        opt.step()
+        losses.append(float(out["loss"]))
+    assert losses[-1] < losses[0]
+    assert all(k.startswith(("student.", "cap_")) for k in method.state_dict())  # the teacher stays out
+    assert method.predict(batch["images"]).shape == (4, NUM_CLASSES)
+
+
+def test_options_and_bad_configs():
+    student, teacher = vit_student(), swin_teacher()
+    m = M.build("scalekd", student=student, teachers=[wrap(teacher)], cap_heads=(2, 4), ce_loss="bce",
+                label_smoothing=0.1, alpha_kd=0.0)
+    out = m(make_batch())
+    torch.testing.assert_close(out["loss"], out["ce"] + 0.08 * (out["s3_spat"] + out["s4_spat"])
+                               + 0.06 * (out["s3_freq"] + out["s4_freq"]))
+    with pytest.raises(ValueError, match=r"teachers\[0\].*not a timm Swin or ViT"):
+        M.build("scalekd", student=student, teachers=[wrap(resnet_student())])
+    with pytest.raises(ValueError, match="needs exactly 1 teacher"):
+        M.build("scalekd", student=student, teachers=[wrap(teacher), wrap(vit_teacher())])
+    with pytest.raises(ValueError, match="num_heads=3 must divide teacher_dim=64"):
+        M.build("scalekd", student=student, teachers=[wrap(teacher)], cap_heads=(3, 4))
+    with pytest.raises(ValueError, match="student_s3_block=7 is out of range"):
+        M.build("scalekd", student=student, teachers=[wrap(teacher)], student_s3_block=7)
+    with pytest.raises(ValueError, match="ce_loss"):
+        M.build("scalekd", student=student, teachers=[wrap(teacher)], ce_loss="focal")
+    bad = M.build("scalekd", student=student, teachers=[wrap(vit_teacher())], cap_heads=(2, 2))
+    with pytest.raises(ValueError, match="logits .* differ"):
+        M.build("scalekd", student=vit_student(), teachers=[wrap(timm.create_model(
+            "vit_tiny_patch16_224", img_size=IMG, depth=4, embed_dim=48, num_heads=2, num_classes=7))],
+            cap_heads=(2, 2))(make_batch())
+    assert bad is not None
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+def test_recipes():
+    """The tiny recipe builds and runs through the engine's builders; the ImageNet recipes parse and their
+    method.params are all constructor arguments."""
+    import glob
+    import inspect
+    import os
+
+    from fastkd.config import load_config
+    from fastkd.engine.builders import build_method
+    from fastkd.engine.builders import build_student
+    from fastkd.engine.builders import build_teachers
+    from fastkd.methods.base import REGISTRY
+
+    M.available()
+    cls = REGISTRY["scalekd"]
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    names = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(os.path.dirname(M.__file__), "..",
+                                                                                 "recipes", "scalekd_*.yaml")))
+    assert "scalekd_tiny" in names and len(names) >= 2
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.method.name == "scalekd"
+        assert set(cfg.method.params) <= accepted, f"{name}: unknown params {set(cfg.method.params) - accepted}"
+    cfg = load_config("scalekd_tiny")
+    n = cfg.data.num_classes or None
+    student = build_student(cfg, n)
+    method = build_method(cfg, student, build_teachers(cfg, n, cfg.data))
+    size = cfg.data.img_size
+    batch = {"images": torch.randn(2, 3, size, size)}
+    if n:
+        batch["labels"] = torch.randint(0, n, (2,))
+    out = method(batch)
+    assert torch.isfinite(out["loss"])

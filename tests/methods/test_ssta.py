@@ -1,0 +1,299 @@
+"""SSTA: loss and gradients against a materializing reference (METHODS.md 1.3), kernels, training, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import fastkd.methods as M
+from fastkd.models import Teacher
+from fastkd.models.teacher import IMAGENET_MEAN
+from fastkd.models.teacher import IMAGENET_STD
+
+NUM_CLASSES = 5
+
+
+def _sharpen(model, factor=4.0):
+    """Random-init attention is nearly uniform; scale q/k weights so the maps (and the KLs) are not trivial."""
+    with torch.no_grad():
+        for blk in model.blocks:
+            w = blk.attn.qkv.weight
+            d = w.shape[0] // 3
+            w[: 2 * d].mul_(factor)
+    return model
+
+
+def vit(embed_dim=32, heads=2, depth=2, patch=8, num_classes=NUM_CLASSES, distilled=False, seed=0):
+    torch.manual_seed(seed)
+    name = "deit_tiny_distilled_patch16_224" if distilled else "vit_tiny_patch16_224"
+    m = timm.create_model(name, img_size=32, patch_size=patch, depth=depth, embed_dim=embed_dim, num_heads=heads,
+                          num_classes=num_classes)
+    return _sharpen(m)
+
+
+def wrap(model):
+    """Frozen teacher whose normalization equals the batch's (no renormalization: the reference stays simple)."""
+    return Teacher(model, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def make_batch(b=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {"images": torch.randn(b, 3, 32, 32, generator=g),
+            "labels": torch.randint(0, NUM_CLASSES, (b,), generator=g)}
+
+
+def models(distilled=False):
+    student = vit(distilled=distilled, seed=0)
+    teacher = vit(embed_dim=48, heads=4, seed=1)  # d_T = 12 != d_S = 16
+    ta = vit(embed_dim=24, heads=3, num_classes=0, seed=2)  # headless SSL backbone
+    return student, teacher, ta
+
+
+# --------------------------------------------------------------------------------------------- reference
+def full_logits(model, block, images, grad=True):
+    """Materialized attention logits ``[B, H, N, N]`` of ``block``: the attention input is captured by a hook and
+    q/k recomputed from the module's own weights (timm's definition: qkv -> q_norm/k_norm -> q k^T d^-1/2)."""
+    store = {}
+    attn = model.blocks[block].attn
+    h = attn.register_forward_hook(lambda m, i, o: store.__setitem__("x", i[0]))
+    try:
+        with torch.set_grad_enabled(grad):
+            out = model(images)
+    finally:
+        h.remove()
+    x = store["x"]
+    B, N, C = x.shape
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    return (q @ k.transpose(-1, -2)) * attn.head_dim**-0.5, out
+
+
+def row_kl_mean(t_logits, s_logits, tau=1.0, direction="forward"):
+    """(1/(B·R)) Σ_b Σ_i KL(softmax(t_i/τ) ‖ softmax(s_i/τ)) for ``[B, R, N]`` logits (reverse: KL(P_s ‖ P_t))."""
+    log_pt = torch.log_softmax(t_logits.double() / tau, -1)
+    log_ps = torch.log_softmax(s_logits.double() / tau, -1)
+    if direction == "reverse":
+        log_pt, log_ps = log_ps, log_pt
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+    return kl.mean()
+
+
+def reference_loss(student, teacher, ta, batch, *, h_t, h_a, s_heads=(0, 1), logit_kd="hard", alpha=0.5, T=1.0,
+                   beta_t=1.0, beta_a=1.0, tau=1.0, ls=0.1, rows="all", distilled=False, direction="forward"):
+    x, y = batch["images"], batch["labels"]
+    s_log, out = full_logits(student, -1, x)
+    with torch.no_grad():
+        t_log, z_t = full_logits(teacher, -1, x, grad=False)
+        a_log, _ = full_logits(ta, -1, x, grad=False)
+    if distilled:  # drop the distillation token (index 1): its row and its column
+        keep = [0] + list(range(2, s_log.shape[-1]))
+        s_log = s_log[:, :, keep][:, :, :, keep]
+        z_cls, z_kd = out
+    else:
+        z_cls = z_kd = out
+    sl = slice(0, 1) if rows == "cls" else slice(None)
+    attn_t = row_kl_mean(t_log[:, h_t, sl], s_log[:, s_heads[0], sl], tau, direction)
+    attn_a = row_kl_mean(a_log[:, h_a, sl], s_log[:, s_heads[1], sl], tau, direction)
+    ce = F.cross_entropy(z_cls, y, label_smoothing=ls)
+    if logit_kd == "hard":
+        logit = (1 - alpha) * ce + alpha * F.cross_entropy(z_kd, z_t.argmax(-1))
+    elif logit_kd == "soft":
+        p_t = torch.softmax(z_t / T, -1)
+        kl = (p_t * (torch.log_softmax(z_t / T, -1) - torch.log_softmax(z_kd / T, -1))).sum() / x.shape[0]
+        logit = (1 - alpha) * ce + alpha * T * T * kl
+    else:
+        logit = ce
+    return logit + beta_t * attn_t + beta_a * attn_a
+
+
+def grads(module):
+    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def _check_against_reference(method, student, teacher, ta, batch, **ref_kw):
+    method.zero_grad()
+    out = method(batch)
+    out["loss"].backward()
+    g_method = grads(student)
+    student.zero_grad()
+    ref = reference_loss(student, teacher, ta, batch, **ref_kw)
+    ref.backward()
+    g_ref = grads(student)
+    torch.testing.assert_close(out["loss"].double(), ref.double(), rtol=1e-5, atol=1e-6)
+    assert set(g_method) == set(g_ref)
+    for n in g_ref:
+        torch.testing.assert_close(g_method[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+    return out
+
+
+_CASES = ("kw, ref_kw", [
+    ({}, {}),
+    ({"logit_kd": "soft", "kd_temperature": 2.0, "alpha": 0.3, "tau": 2.0, "beta_t": 0.5, "student_heads": (1, 1)},
+     {"logit_kd": "soft", "T": 2.0, "alpha": 0.3, "tau": 2.0, "beta_t": 0.5, "s_heads": (1, 1)}),
+    ({"logit_kd": "none", "rows": "cls", "label_smoothing": 0.0}, {"logit_kd": "none", "rows": "cls", "ls": 0.0}),
+    ({"direction": "reverse", "beta_a": 2.0}, {"direction": "reverse", "beta_a": 2.0}),
+])
+
+
+@pytest.mark.parametrize(*_CASES)
+@pytest.mark.parametrize("distilled", [False, True])
+def test_matches_reference(kw, ref_kw, distilled):
+    student, teacher, ta = models(distilled)
+    method = M.build("ssta", student=student, teachers=[wrap(teacher), wrap(ta)], teacher_head=2, ta_head=1, **kw)
+    batch = make_batch()
+    out = _check_against_reference(method, student, teacher, ta, batch, h_t=2, h_a=1, distilled=distilled, **ref_kw)
+    assert set(out) == {"loss", "ce", "kd", "attn_teacher", "attn_ta"}
+    assert float(out["attn_teacher"]) > 1e-3 and float(out["attn_ta"]) > 1e-3  # non-trivial maps
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])  # streaming torch; Triton (interpreter on CPU)
+@pytest.mark.parametrize("distilled", [False, True])
+def test_streaming_equals_reference_kernel(monkeypatch, distilled, impl):
+    student, teacher, ta = models(distilled)
+    method = M.build("ssta", student=student, teachers=[wrap(teacher), wrap(ta)], teacher_head=3, ta_head=2)
+    batch = make_batch()
+    results = {}
+    for name in ("reference", impl):
+        monkeypatch.setenv("FASTKD_KERNELS", name)
+        monkeypatch.setenv("FASTKD_KERNELS", impl)
+        method.zero_grad()
+        out = method(batch)
+        out["loss"].backward()
+        results[name] = (out, grads(student))
+    (o_ref, g_ref), (o_str, g_str) = results["reference"], results[impl]
+    for part in ("loss", "attn_teacher", "attn_ta"):
+        torch.testing.assert_close(o_str[part], o_ref[part], rtol=1e-5, atol=1e-7)
+    for n in g_ref:
+        torch.testing.assert_close(g_str[n], g_ref[n], rtol=1e-4, atol=1e-7)
+
+
+def test_importance_json_and_auto(tmp_path):
+    student, teacher, ta = models()
+    path = tmp_path / "importance.json"
+    path.write_text(json.dumps({"num_layers": 2, "num_heads": 4, "top_head_per_layer": [0, 3]}))
+    method = M.build("ssta", student=student, teachers=[wrap(teacher), wrap(ta)], teacher_importance=str(path),
+                     ta_head=2)
+    assert method.selected_heads() == {"teacher": 3, "ta": 2}
+    with pytest.raises(ValueError, match="ta_importance=.*scores 4 heads per layer but the model has 3"):
+        M.build("ssta", student=student, teachers=[wrap(teacher), wrap(ta)], ta_importance=str(path))
+    path.write_text(json.dumps({"num_layers": 3, "num_heads": 4, "top_head_per_layer": [0, 3, 1]}))
+    with pytest.raises(ValueError, match="teacher_importance=.*scores 3 layers but the model has 2"):
+        M.build("ssta", student=student, teachers=[wrap(teacher), wrap(ta)], teacher_importance=str(path))
+    with pytest.raises(FileNotFoundError, match="teacher_importance"):
+        M.build("ssta", student=student, teachers=[wrap(teacher), wrap(ta)], teacher_importance=str(tmp_path / "no"))
+
+    # "auto": Michel importance on the first batch; chosen once, kept in the state dict
+    auto = M.build("ssta", student=student, teachers=[wrap(teacher), wrap(ta)])
+    assert auto.selected_heads() == {"teacher": None, "ta": None}
+    batch = make_batch()
+    auto(batch)
+    heads = auto.selected_heads()
+    assert 0 <= heads["teacher"] < 4 and 0 <= heads["ta"] < 3
+    # independent check of the teacher's choice: |Σ O_h · dL/dO_h| with a gate on each head's output
+    assert heads["teacher"] == _michel_top_head(teacher, batch)
+    again = M.build("ssta", student=student, teachers=[wrap(teacher), wrap(ta)])
+    again.load_state_dict(auto.state_dict())
+    assert again.selected_heads() == heads
+
+
+def _michel_top_head(model, batch):
+    """Materialized Michel et al. 2019 importance of the last block: gate ξ_h on each head's output, I_h = |∂L/∂ξ_h|,
+    L = CE summed over the batch."""
+    attn = model.blocks[-1].attn
+    gate = torch.ones(attn.num_heads, requires_grad=True)
+
+    def fwd(m, args):
+        x = args[0]
+        B, N, C = x.shape
+        qkv = m.qkv(x).reshape(B, N, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = m.q_norm(qkv[0]), m.k_norm(qkv[1]), qkv[2]
+        o = torch.softmax(q @ k.transpose(-1, -2) * m.head_dim**-0.5, -1) @ v  # [B, H, N, d]
+        o = o * gate.view(1, -1, 1, 1)
+        return m.proj(o.transpose(1, 2).reshape(B, N, C))
+
+    h = attn.register_forward_hook(lambda m, i, o: fwd(m, i))
+    try:
+        loss = F.cross_entropy(model(batch["images"]), batch["labels"], reduction="sum")
+    finally:
+        h.remove()
+    (g,) = torch.autograd.grad(loss, gate)
+    return int(g.abs().argmax())
+
+
+def test_training_reduces_loss():
+    student, teacher, ta = models()
+    method = M.build("ssta", student=student, teachers=[wrap(teacher), wrap(ta)], teacher_head=0, ta_head=1)
+    opt = torch.optim.AdamW(method.parameters(), lr=3e-3)
+    batch = make_batch(b=4)
+    losses = []
+    for _ in range(4):
+        opt.zero_grad()
+        out = method(batch)
+        out["loss"].backward()
+        opt.step()
+        losses.append(float(out["loss"]))
+    assert losses[-1] < losses[0]
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert all(not k.startswith(("teacher", "ta")) for k in method.state_dict())  # teachers stay out
+
+
+def test_bad_configs():
+    student, teacher, ta = models()
+    cnn = timm.create_model("resnet10t", num_classes=NUM_CLASSES)
+    with pytest.raises(ValueError, match=r"teachers\[0\].*not a vision transformer"):
+        M.build("ssta", student=student, teachers=[wrap(cnn), wrap(ta)], teacher_head=0, ta_head=0)
+    with pytest.raises(ValueError, match=r"teachers\[1\].*not a vision transformer"):
+        M.build("ssta", student=student, teachers=[wrap(teacher), wrap(cnn)], teacher_head=0, ta_head=0)
+    with pytest.raises(ValueError, match="teacher_head=4 is out of range"):
+        M.build("ssta", student=student, teachers=[wrap(teacher), wrap(ta)], teacher_head=4, ta_head=0)
+    with pytest.raises(ValueError, match="student_heads.*out of range"):
+        M.build("ssta", student=student, teachers=[wrap(teacher), wrap(ta)], teacher_head=0, ta_head=0,
+                student_heads=(0, 2))
+    with pytest.raises(ValueError, match="teacher_layer=5 is out of range"):
+        M.build("ssta", student=student, teachers=[wrap(teacher), wrap(ta)], teacher_head=0, ta_head=0,
+                teacher_layer=5)
+    fine_ta = vit(embed_dim=24, heads=3, num_classes=0, patch=4, seed=2)  # 8x8 grid vs the student's 4x4
+    with pytest.raises(ValueError, match="token grids differ"):
+        M.build("ssta", student=student, teachers=[wrap(teacher), wrap(fine_ta)], teacher_head=0, ta_head=0)
+    with pytest.raises(ValueError, match="needs exactly 2 teachers"):
+        M.build("ssta", student=student, teachers=[wrap(teacher)], teacher_head=0, ta_head=0)
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+def test_recipes():
+    """The tiny recipe builds and runs through the engine's builders; the ImageNet recipes parse and their
+    method.params are all constructor arguments."""
+    import glob
+    import inspect
+    import os
+
+    from fastkd.config import load_config
+    from fastkd.engine.builders import build_method
+    from fastkd.engine.builders import build_student
+    from fastkd.engine.builders import build_teachers
+    from fastkd.methods.base import REGISTRY
+
+    M.available()
+    cls = REGISTRY["ssta"]
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    names = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(os.path.dirname(M.__file__), "..",
+                                                                                 "recipes", "ssta_*.yaml")))
+    assert "ssta_tiny" in names and len(names) >= 2
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.method.name == "ssta"
+        assert set(cfg.method.params) <= accepted, f"{name}: unknown params {set(cfg.method.params) - accepted}"
+    cfg = load_config("ssta_tiny")
+    n = cfg.data.num_classes or None
+    student = build_student(cfg, n)
+    method = build_method(cfg, student, build_teachers(cfg, n, cfg.data))
+    size = cfg.data.img_size
+    batch = {"images": torch.randn(2, 3, size, size)}
+    if n:
+        batch["labels"] = torch.randint(0, n, (2,))
+    out = method(batch)
+    assert torch.isfinite(out["loss"])
