@@ -11,10 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_contains_every_package_and_recipe(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
+    out = subprocess.run([*cmd, str(ROOT)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     wheel = next(tmp_path.glob("fastkd-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
