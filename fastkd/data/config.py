@@ -1,0 +1,234 @@
+"""The data configuration: one plain dataclass, :class:`DataConfig`, shared by both backends."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from dataclasses import field
+from typing import Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+BACKENDS = ("auto", "dali", "torch")
+SOURCES = ("auto", "folder", "filelist", "webdataset")
+DTYPES = ("float32", "float16", "bfloat16")
+SHARD_POLICIES = ("pad", "drop")
+CORRUPT_POLICIES = ("skip", "replace", "error")
+INTERPOLATIONS = ("bilinear", "bicubic")
+MIXUP_MODES = ("batch", "pair", "elem")
+SPLITS = ("train", "val")
+
+
+@dataclass
+class DataConfig:
+    """Everything :func:`fastkd.data.build_loader` needs. Both backends read the same fields.
+
+    Where the data lives
+        root: Data set directory. With ``source="folder"`` it holds ``train/`` and ``val/`` ImageFolder
+            trees (``<split>/<class>/<image>``, class index = position of the folder name in sorted order,
+            taken from the train split); with ``"filelist"`` the files ``train.txt`` / ``val.txt``; with
+            ``"webdataset"`` the folders ``train/`` / ``val/`` of ``*.tar`` shards (or ``train-*.tar`` /
+            ``val-*.tar`` beside each other).
+        train_path, val_path: Explicit location of one split (a folder, a list file, a tar file, a folder
+            of tars, or a glob of tars); overrides what ``root`` implies. Relative paths in a file list are
+            resolved against the list file's folder.
+        source: ``"folder" | "filelist" | "webdataset" | "auto"``. ``auto`` picks from the path: a ``.txt``
+            file is a file list, a ``.tar`` file, glob or folder of tars is webdataset, any other folder is
+            an ImageFolder tree. Webdataset samples are the members ``<key>.jpg|jpeg|png`` plus
+            ``<key>.cls`` (the class index as text).
+        num_classes: Number of classes; 0 infers it (folder: number of class folders; list/tars: largest
+            label + 1). Sets the width of the soft targets.
+
+    How it is loaded
+        backend: ``"dali" | "torch" | "auto"``. ``auto`` uses DALI when ``nvidia.dali`` imports, else the
+            torchvision DataLoader, and logs which one it chose.
+        device: ``"cuda" | "cuda:<i>" | "cpu" | "auto"``: where the batches end up. ``auto`` means the
+            current CUDA device when CUDA is available, else the CPU. With DALI, ``cuda`` runs the GPU
+            graph ("mixed" decoding, GPU augmentation); ``cpu`` runs the same graph with CPU operators
+            (``device_id=None``).
+        batch_size: Samples per batch per rank (training split).
+        val_batch_size: Samples per batch per rank for the validation split; 0 means ``batch_size``.
+        num_workers: torch: DataLoader worker processes (0 decodes in the main process). DALI: CPU
+            threads of the pipeline (at least 1), which also read the encoded files.
+        prefetch: Batches prepared ahead (DALI prefetch queue depth; DataLoader ``prefetch_factor``).
+        pin_memory: Pin host batches before the copy to the GPU (torch backend; ignored on CPU).
+
+    Augmentation (training split)
+        img_size: Output side length in pixels (square crops) for both splits.
+        scale: Random-resized-crop area range, as fractions of the image area (DeiT: ``(0.08, 1.0)``).
+        ratio: Random-resized-crop aspect-ratio range, width / height (DeiT: ``(3/4, 4/3)``).
+        interpolation: ``"bilinear" | "bicubic"``, used by every resize (antialiased when shrinking).
+        hflip: Probability of a horizontal flip.
+        randaugment: Number of RandAugment operations per image (DALI ``auto_aug.rand_augment`` /
+            torchvision ``RandAugment``); 0 turns RandAugment off.
+        randaugment_magnitude: RandAugment magnitude, 0..30 on the 31-bin scale both libraries use.
+        num_views: 1 for supervised training. >1 turns on the multi-view (SSL) mode:
+            ``batch["images"]`` becomes a list of ``num_views`` tensors, each an independent
+            random-resized-crop / flip / RandAugment of the same images. Mixup/CutMix must be off.
+
+    Validation split
+        crop_pct: The shorter side is resized to ``floor(img_size / crop_pct)``, then the centre
+            ``img_size`` square is cut (0.875 is the ImageNet convention). Must lie in (0, 1].
+
+    Mixup / CutMix (timm semantics, applied on the target device after normalisation)
+        mixup: Mixup alpha (Beta(alpha, alpha)); 0 disables Mixup.
+        cutmix: CutMix alpha; 0 disables CutMix.
+        mixup_prob: Probability of mixing a batch at all.
+        mixup_switch_prob: Probability of CutMix instead of Mixup when both are on.
+        mixup_mode: ``"batch" | "pair" | "elem"`` as in ``timm.data.Mixup``.
+        label_smoothing: Smoothing folded into the soft targets. Only used when Mixup or CutMix is on
+            (without them the batch has hard labels only and smoothing is the loss's job).
+
+    Output
+        dtype: ``"float32" | "float16" | "bfloat16"``: the dtype of ``batch["images"]``.
+        mean, std: Per-channel normalisation in 0..1 units (the student's ``pretrained_cfg``).
+
+    Order, sharding, resumption
+        seed: Base seed. The per-epoch permutation is seeded by ``(seed, epoch)`` and is the same on
+            every rank; augmentation seeds also mix in the rank.
+        shuffle: Shuffle each epoch; ``None`` means True for ``train`` and False for ``val``.
+        shard_policy: How ``N`` samples are split over ``W`` ranks so that all ranks have the same
+            number of samples (and therefore batches): ``"pad"`` repeats the first ``W*ceil(N/W) - N``
+            samples of the epoch order (flagged in ``batch["is_pad"]``, so an evaluator can drop them
+            and count every sample exactly once); ``"drop"`` leaves out the last ``N mod W`` samples of
+            the epoch order (a different few each epoch when shuffling). Each rank takes every W-th
+            sample of the (padded) epoch order, starting at its rank.
+        drop_last: Drop each rank's last incomplete batch (its samples are then unseen that epoch).
+        corrupt: What to do with an image that cannot be read or decoded: ``"skip"`` (the batch gets
+            one sample fewer), ``"replace"`` (the next readable sample in data set order takes its
+            place), ``"error"`` (raise, naming the file). Every bad file is logged once and counted in
+            ``loader.corrupt``; the number of batches per epoch never changes.
+        hw_decoder_load: DALI "mixed" decoding only: share of JPEGs sent to the hardware JPEG decoder
+            (A100/H100 have one); ignored on the CPU.
+        extra: Free-form notes that travel with the config (a recipe's comments); the loaders ignore it.
+    """
+
+    root: str = ""
+    train_path: str = ""
+    val_path: str = ""
+    source: str = "auto"
+    num_classes: int = 0
+    backend: str = "auto"
+    device: str = "auto"
+    batch_size: int = 128
+    val_batch_size: int = 0
+    num_workers: int = 4
+    prefetch: int = 2
+    pin_memory: bool = True
+    img_size: int = 224
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    interpolation: str = "bilinear"
+    hflip: float = 0.5
+    randaugment: int = 0
+    randaugment_magnitude: int = 9
+    num_views: int = 1
+    crop_pct: float = 0.875
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+    label_smoothing: float = 0.0
+    dtype: str = "float32"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    seed: int = 0
+    shuffle: bool | None = None
+    shard_policy: str = "pad"
+    drop_last: bool = False
+    corrupt: str = "skip"
+    hw_decoder_load: float = 0.65
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_any(cls, cfg: DataConfig | Mapping[str, Any] | Any | None) -> DataConfig:
+        """A validated copy of ``cfg``: a DataConfig, a dict with the same keys, or another dataclass
+        whose fields are a subset of DataConfig's (for example one embedded in the engine config)."""
+        if cfg is None:
+            values: dict[str, Any] = {}
+        elif isinstance(cfg, DataConfig):
+            values = dataclasses.asdict(cfg)
+        elif isinstance(cfg, Mapping):
+            values = dict(cfg)
+        elif dataclasses.is_dataclass(cfg):
+            values = dataclasses.asdict(cfg)
+        else:
+            raise TypeError(f"cfg: expected a DataConfig, a dict or a dataclass, got {type(cfg).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"DataConfig: unknown field(s) {unknown}; valid fields: {sorted(known)}")
+        for key in ("scale", "ratio", "mean", "std"):
+            if key in values and values[key] is not None and not isinstance(values[key], (str, bytes)):
+                values[key] = tuple(float(v) for v in values[key])
+        out = cls(**values)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field that holds an unusable value."""
+
+        def bad(name: str, why: str) -> None:
+            raise ValueError(f"DataConfig.{name}={getattr(self, name)!r}: {why}")
+
+        for name, choices in (
+            ("backend", BACKENDS),
+            ("source", SOURCES),
+            ("dtype", DTYPES),
+            ("shard_policy", SHARD_POLICIES),
+            ("corrupt", CORRUPT_POLICIES),
+            ("interpolation", INTERPOLATIONS),
+            ("mixup_mode", MIXUP_MODES),
+        ):
+            if getattr(self, name) not in choices:
+                bad(name, f"must be one of {list(choices)}")
+        dev = self.device
+        if not isinstance(dev, str) or not (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")):
+            bad("device", "must be 'auto', 'cpu', 'cuda' or 'cuda:<index>'")
+        for name in ("batch_size", "img_size", "num_views", "prefetch"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad(name, "must be a positive integer")
+        for name in ("val_batch_size", "num_workers", "num_classes", "randaugment"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                bad(name, "must be a non-negative integer")
+        if not 0 <= self.randaugment_magnitude <= 30:
+            bad("randaugment_magnitude", "must lie in [0, 30]")
+        if not 0.0 < self.crop_pct <= 1.0:
+            bad("crop_pct", "must lie in (0, 1]")
+        if len(self.scale) != 2 or not 0.0 < self.scale[0] <= self.scale[1] <= 1.0:
+            bad("scale", "must be (min, max) with 0 < min <= max <= 1")
+        if len(self.ratio) != 2 or not 0.0 < self.ratio[0] <= self.ratio[1]:
+            bad("ratio", "must be (min, max) with 0 < min <= max")
+        for name in ("hflip", "mixup_prob", "mixup_switch_prob", "label_smoothing", "hw_decoder_load"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                bad(name, "must lie in [0, 1]")
+        for name in ("mixup", "cutmix"):
+            if float(getattr(self, name)) < 0.0:
+                bad(name, "must be >= 0 (0 disables it)")
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) != 3:
+                bad(name, "must have 3 values (R, G, B)")
+        if min(self.std) <= 0:
+            bad("std", "every value must be > 0")
+        if self.num_views > 1 and self.mixing:
+            bad("num_views", "multi-view (SSL) mode cannot be combined with mixup/cutmix; set both to 0")
+
+    @property
+    def mixing(self) -> bool:
+        """True when Mixup or CutMix is on (the batches then carry soft ``targets``)."""
+        return self.mixup > 0 or self.cutmix > 0
+
+    def batch_size_for(self, split: str) -> int:
+        return (self.val_batch_size or self.batch_size) if split == "val" else self.batch_size
+
+    def shuffle_for(self, split: str) -> bool:
+        return (split == "train") if self.shuffle is None else bool(self.shuffle)
+
+    def resize_size(self) -> int:
+        """Validation: length the shorter side is resized to before the centre crop."""
+        import math
+
+        return int(math.floor(self.img_size / self.crop_pct))

@@ -1,0 +1,289 @@
+"""The loader contract both backends implement, and :func:`build_loader`.
+
+A loader is an iterable of dict batches::
+
+    batch["images"]   FloatTensor [B, 3, H, W] in ``cfg.dtype`` on the target device, normalised with
+                      ``cfg.mean``/``cfg.std`` (a list of ``num_views`` such tensors in multi-view mode)
+    batch["labels"]   LongTensor [B]: hard labels (before Mixup/CutMix), on the target device
+    batch["targets"]  FloatTensor [B, num_classes]: soft targets, only when Mixup or CutMix is on
+    batch["index"]    LongTensor [B]: data set index of each sample (on the CPU)
+    batch["is_pad"]   BoolTensor [B]: True for samples repeated to even out the ranks (on the CPU)
+
+It has ``__len__`` (batches in a full epoch), ``set_epoch``, ``state_dict``/``load_state_dict``
+(epoch and position inside it), and the attributes ``num_classes``, ``backend``, ``corrupt``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from fastkd.data import sharding
+from fastkd.data.config import SPLITS
+from fastkd.data.config import DataConfig
+from fastkd.data.sources import Source
+from fastkd.data.sources import encoded_problem
+from fastkd.data.sources import open_source
+
+log = logging.getLogger("fastkd.data")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+REPLACE_TRIES = 64
+
+
+def read_checked(source: Source, index: int) -> tuple[bytes | None, str | None]:
+    """The encoded bytes of a sample, or ``(None, reason)`` when it cannot be read or is truncated."""
+    try:
+        data = source.read(index)
+    except OSError as exc:
+        return None, f"unreadable: {exc}"
+    problem = encoded_problem(data)
+    return (None, problem) if problem else (data, None)
+
+
+def replacement_candidates(num_samples: int, index: int):
+    """Where a replacement for an unreadable sample is looked for: the next samples in data set order."""
+    return ((index + k) % num_samples for k in range(1, min(num_samples, REPLACE_TRIES + 1)))
+
+
+class CorruptImageError(RuntimeError):
+    """An image could not be read or decoded and ``DataConfig.corrupt == "error"``."""
+
+
+def resolve_device(cfg: DataConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if cfg.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"DataConfig.device={cfg.device!r}: CUDA is not available on this machine; use device='cpu' "
+                "(DALI then runs the same graph with CPU operators) or device='auto'"
+            )
+        dev = torch.device(cfg.device)
+        return torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
+    return torch.device("cpu")
+
+
+class BaseLoader:
+    """Shared bookkeeping: the epoch plan, resumption, corrupt-file accounting, device-side finishing."""
+
+    backend = "base"
+
+    def __init__(self, cfg: DataConfig, split: str, rank: int, world_size: int, source: Source) -> None:
+        self.cfg = cfg
+        self.split = split
+        self.rank = rank
+        self.world_size = world_size
+        self.source = source
+        self.device = resolve_device(cfg)
+        self.dtype = _DTYPES[cfg.dtype]
+        self.train = split == "train"
+        self.batch_size = cfg.batch_size_for(split)
+        self.shuffle = cfg.shuffle_for(split)
+        self.drop_last = cfg.drop_last
+        self.num_classes = cfg.num_classes or source.num_classes
+        self.num_views = cfg.num_views if self.train else 1
+        self.epoch = 0
+        self.position = 0  # samples of this rank's epoch share already handed out
+        self.corrupt: dict[int, str] = {}  # data set index -> reason
+        self._lock = threading.Lock()
+        self._mean = torch.tensor([255.0 * m for m in cfg.mean]).view(1, 3, 1, 1)
+        self._std = torch.tensor([255.0 * s for s in cfg.std]).view(1, 3, 1, 1)
+        self._mixup = None
+        if self.train and cfg.mixing:
+            from timm.data import Mixup
+
+            self._mixup = Mixup(
+                mixup_alpha=cfg.mixup,
+                cutmix_alpha=cfg.cutmix,
+                prob=cfg.mixup_prob,
+                switch_prob=cfg.mixup_switch_prob,
+                mode=cfg.mixup_mode,
+                label_smoothing=cfg.label_smoothing,
+                num_classes=self.num_classes,
+            )
+        sharding.shard(np.arange(len(source)), rank, world_size, cfg.shard_policy)  # fails early if empty
+
+    # ------------------------------------------------------------------------------------------------
+    # the plan
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples this rank reads per epoch (equal on every rank)."""
+        return sharding.samples_per_rank(len(self.source), self.world_size, self.cfg.shard_policy)
+
+    def __len__(self) -> int:
+        """Batches in a full epoch (equal on every rank). See :attr:`batches_left` after a resume."""
+        return sharding.num_batches(self.samples_per_epoch, self.batch_size, self.drop_last)
+
+    @property
+    def batches_left(self) -> int:
+        return len(sharding.batch_slices(self.samples_per_epoch, self.batch_size, self.drop_last, self.position))
+
+    def plan(self, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's sample indices for ``epoch`` (default: the current one) and their padding flags."""
+        order = sharding.epoch_order(
+            len(self.source), self.epoch if epoch is None else epoch, self.cfg.seed, self.shuffle
+        )
+        return sharding.shard(order, self.rank, self.world_size, self.cfg.shard_policy)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` at its beginning; calling it with the current epoch keeps a resumed position."""
+        if epoch != self.epoch:
+            self.epoch, self.position = int(epoch), 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "num_samples": len(self.source),
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "seed": self.cfg.seed,
+            "split": self.split,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for key in ("num_samples", "world_size", "seed"):
+            mine = {"num_samples": len(self.source), "world_size": self.world_size, "seed": self.cfg.seed}[key]
+            if key in state and int(state[key]) != mine:
+                raise ValueError(
+                    f"loader state: saved {key}={state[key]} but this loader has {key}={mine}; the remaining "
+                    "samples of the interrupted epoch cannot be reproduced (start the epoch afresh instead)"
+                )
+        position = int(state["position"])
+        if not 0 <= position <= self.samples_per_epoch:
+            raise ValueError(f"loader state: position={position} outside [0, {self.samples_per_epoch}]")
+        self.epoch, self.position = int(state["epoch"]), position
+
+    # ------------------------------------------------------------------------------------------------
+    # iteration
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        indices, pad = self.plan()
+        epoch = self.epoch
+        chunks = [
+            (indices[b:e], pad[b:e])
+            for b, e in sharding.batch_slices(len(indices), self.batch_size, self.drop_last, self.position)
+        ]
+        for raw, consumed in self._batches(chunks):
+            batch = self._finish(raw)
+            self.position += consumed
+            yield batch
+        self.epoch, self.position = epoch + 1, 0
+
+    def _batches(self, chunks):  # -> iterator of (raw batch dict, samples consumed)
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------------
+    # corrupt files
+
+    def record_bad(self, index: int, reason: str) -> None:
+        """Count and report an unreadable sample (once per file); raise when the policy is "error"."""
+        name = self.source.describe(index)
+        if self.cfg.corrupt == "error":
+            raise CorruptImageError(f"corrupt image {name}: {reason} (DataConfig.corrupt='skip' or 'replace' goes on)")
+        with self._lock:
+            if index in self.corrupt:
+                return
+            self.corrupt[index] = reason
+            count = len(self.corrupt)
+        action = "skipped" if self.cfg.corrupt == "skip" else "replaced by the next readable sample"
+        log.warning("corrupt image %s: %s; %s (%d corrupt so far in %s)", name, reason, action, count, self.split)
+
+    def read_checked(self, index: int) -> tuple[bytes | None, str | None]:
+        return read_checked(self.source, index)
+
+    def replacement_candidates(self, index: int):
+        return replacement_candidates(len(self.source), index)
+
+    # ------------------------------------------------------------------------------------------------
+    # device side
+
+    def _normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        x = images_uint8.to(self.device, non_blocking=True).float()
+        x = (x - self._mean.to(x.device)) / self._std.to(x.device)
+        return x.to(self.dtype)
+
+    def _finish(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """raw: images (list of views, normalised on device or uint8), labels, index, is_pad (numpy/tensors)."""
+        views = raw["images"]
+        if views[0].dtype == torch.uint8:
+            views = [self._normalize(v) for v in views]
+        views = [v if v.dtype == self.dtype else v.to(self.dtype) for v in views]
+        labels = torch.as_tensor(np.asarray(raw["labels"], dtype=np.int64)).to(self.device, non_blocking=True)
+        batch: dict[str, Any] = {
+            "images": views if self.num_views > 1 else views[0],
+            "labels": labels,
+            "index": torch.as_tensor(np.asarray(raw["index"], dtype=np.int64)),
+            "is_pad": torch.as_tensor(np.asarray(raw["is_pad"], dtype=bool)),
+        }
+        if self._mixup is not None:
+            batch["images"], batch["targets"] = self._mix(views[0], labels)
+        return batch
+
+    def _mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """timm Mixup/CutMix; an odd batch (a last partial one) mixes its even prefix and gives the
+        last sample a smoothed one-hot target, since timm pairs samples with the flipped batch."""
+        from timm.data.mixup import mixup_target
+
+        even = len(x) - len(x) % 2
+        if even == len(x):
+            return self._mixup(x, y)
+        targets = mixup_target(y, self.num_classes, 1.0, self.cfg.label_smoothing)
+        if even:
+            _, targets[:even] = self._mixup(x[:even], y[:even])  # mixes the view in place
+        return x, targets
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(split={self.split!r}, backend={self.backend!r}, "
+            f"rank={self.rank}/{self.world_size}, samples={len(self.source)}, batches/epoch={len(self)}, "
+            f"device={self.device}, dtype={self.cfg.dtype})"
+        )
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_loader(
+    cfg: DataConfig | Mapping[str, Any] | Any,
+    split: str = "train",
+    rank: int = 0,
+    world_size: int = 1,
+) -> BaseLoader:
+    """A loader of ``split`` ("train" or "val") for ``rank`` of ``world_size`` ranks.
+
+    ``cfg`` is a :class:`DataConfig` or a dict with its keys. ``backend="auto"`` picks DALI when it is
+    installed, else torchvision, and logs the choice.
+    """
+    cfg = DataConfig.from_any(cfg)
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: must be one of {list(SPLITS)}")
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size={world_size!r}: must be a positive integer")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank!r}: must lie in [0, world_size={world_size})")
+    backend = cfg.backend
+    if backend == "auto":
+        backend = "dali" if dali_available() else "torch"
+        log.info("data backend: %s (auto: DALI is %s)", backend, "installed" if backend == "dali" else "not installed")
+    source = open_source(cfg, split)
+    if backend == "dali":
+        from fastkd.data.dali_loader import DaliLoader
+
+        return DaliLoader(cfg, split, rank, world_size, source)
+    from fastkd.data.torch_loader import TorchLoader
+
+    return TorchLoader(cfg, split, rank, world_size, source)

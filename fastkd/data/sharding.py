@@ -1,0 +1,57 @@
+"""Which samples a rank reads in an epoch, in which order, and how they are cut into batches.
+
+The plan depends only on ``(num_samples, epoch, seed, shuffle, rank, world_size, policy)``, so every
+rank computes its share without talking to the others, both backends read the same samples in the
+same order, and a resumed run can skip exactly the samples it has already consumed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def epoch_order(num_samples: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
+    """The global sample order of ``epoch``: a permutation seeded by ``(seed, epoch)``, or identity."""
+    if not shuffle:
+        return np.arange(num_samples, dtype=np.int64)
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch)])))
+    return rng.permutation(num_samples).astype(np.int64)
+
+
+def samples_per_rank(num_samples: int, world_size: int, policy: str) -> int:
+    if policy == "pad":
+        return math.ceil(num_samples / world_size)
+    return num_samples // world_size
+
+
+def shard(order: np.ndarray, rank: int, world_size: int, policy: str) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's samples of an epoch order and a flag per sample that marks padding.
+
+    ``pad``: the order is extended to a multiple of ``world_size`` by repeating its first samples
+    (cyclically, if there are fewer samples than ranks); the repeats are flagged. ``drop``: the
+    order is cut to a multiple of ``world_size``. Rank ``r`` then takes positions ``r, r+W, ...``.
+    """
+    n = len(order)
+    per = samples_per_rank(n, world_size, policy)
+    if per == 0:
+        raise ValueError(f"shard_policy='drop' with {n} samples and world_size={world_size} leaves nothing")
+    total = per * world_size
+    if total >= n:
+        full = np.resize(order, total)  # cyclic repeat
+        pad = np.arange(total) >= n
+    else:
+        full = order[:total]
+        pad = np.zeros(total, dtype=bool)
+    return full[rank::world_size], pad[rank::world_size]
+
+
+def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
+    return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+
+def batch_slices(n: int, batch_size: int, drop_last: bool, start: int = 0) -> list[tuple[int, int]]:
+    """``(begin, end)`` of each batch of a rank's ``n`` samples, from sample ``start`` on."""
+    stop = num_batches(n, batch_size, drop_last) * batch_size
+    return [(b, min(b + batch_size, n)) for b in range(start, min(stop, n), batch_size)]
