@@ -81,6 +81,10 @@ def make_fn(provider: str):
     if provider == "eager":
         return eager_loss
     if provider == "compile":
+        # backward is timed on one retained graph (retain_graph=True), which donated buffers forbid
+        import torch._functorch.config as functorch_config
+
+        functorch_config.donated_buffer = False
         return torch.compile(eager_loss, dynamic=False)
     raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
 

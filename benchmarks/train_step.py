@@ -1,0 +1,520 @@
+"""End-to-end training step: images/s, step time and peak memory of one full fastkd training step.
+
+DeiT-S student <- DeiT-B teacher (bf16 autocast on GPU), through the engine's own step
+(:meth:`fastkd.engine.trainer.Trainer.train_step`: forward of teacher and student, loss, backward, clipping,
+AdamW step, LR schedule), for these variants:
+
+===================  ====================================================================================
+``none``             (a) no distillation: teacher forward + student CE step (the unavoidable cost)
+``hinton``           (b) Hinton logit KD (``fastkd.methods``)
+``attn1/4/12``       (c) SSTA-style head-level attention KD on the last 1, 4, 12 layers (+ CE), through
+                     ``fastkd.functional.attention_kl`` with fastkd's kernels (Triton on CUDA)
+``attn1/4/12_eager`` (d) the same with the materializing eager loss (``FASTKD_KERNELS=reference``)
+``ssta``             SSTA itself (``fastkd.methods``: 1 layer, 2 heads, teacher = TA), when registered
+``attndistill``      (e) AttnDistill (``fastkd.methods``)
+===================  ====================================================================================
+
+Variants whose method is not registered in this build are reported as ``skipped`` rows, never errors. Each
+configuration is timed with synthetic batches already on the device (``data=none``), then with the fastkd
+loader reading a generated JPEG folder (``data=loader``), at each batch size and resolution. Rows append to
+``benchmarks/results/train_step_<device>.csv`` (device, versions, commit, date on every row); a plot of
+images/s is drawn from that CSV.
+
+``--tiny`` is a CPU smoke mode (tiny ViTs, 32 px, 2 steps) that a test runs in seconds.
+
+Usage::
+
+    python benchmarks/train_step.py                        # everything: ~90 rows, too long for one 10-min command
+    # on a GPU machine, one command per (resolution, data) keeps each under ~5 minutes:
+    python benchmarks/train_step.py --img-size 224 --data none
+    python benchmarks/train_step.py --img-size 384 --data none
+    python benchmarks/train_step.py --img-size 224 --data loader --variants none hinton attn12 attn12_eager
+    python benchmarks/train_step.py --variants none attn12 attn12_eager --batch 256 --img-size 224 --data none
+    fastkd bench train --tiny --out /tmp/bench             # CPU smoke run, seconds
+
+Rows that run out of GPU memory are recorded with ``status=oom`` (the eager loss at 384 px, batch 256, 12 layers
+is expected to).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime as _dt
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+ATTN_LAYERS = (1, 4, 12)
+VARIANTS = ["none", "hinton"] + [f"attn{n}" for n in ATTN_LAYERS] + [f"attn{n}_eager" for n in ATTN_LAYERS] + [
+    "ssta", "attndistill"]
+
+FULL = {"student": "deit_small_patch16_224", "teacher": "deit_base_patch16_224", "kwargs": {}, "t_kwargs": {}}
+TINY = {
+    "student": "vit_tiny_patch16_224",
+    "teacher": "vit_tiny_patch16_224",
+    "kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2, "mlp_ratio": 2.0},
+    "t_kwargs": {"patch_size": 8, "embed_dim": 48, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0},
+}
+FIELDS = ["device", "torch", "triton", "timm", "commit", "date", "mode", "variant", "method", "layers", "kernels",
+          "student", "teacher", "batch", "img_size", "tokens", "data", "amp", "steps", "status", "step_ms",
+          "step_ms_p20", "step_ms_p80", "img_per_s", "data_wait_frac", "peak_mem_gb", "note"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the bench-local methods: (a) teacher forward + CE, (c)/(d) multi-layer SSTA-style attention KD
+
+
+def _method_base():
+    from fastkd.methods.base import Method
+
+    return Method
+
+
+def make_teacher_ce(student, teacher):
+    """(a): the teacher's forward runs (its cost is unavoidable in any KD run) but only CE trains the student."""
+    Method = _method_base()
+
+    class TeacherForwardCE(Method):
+        name = "none"
+
+        def forward(self, batch):
+            with torch.no_grad():
+                self.teachers[0](batch["images"])
+            logits = self.student(batch["images"])
+            ce = F.cross_entropy(logits.float(), batch["labels"])
+            return {"loss": ce, "ce": ce}
+
+    return TeacherForwardCE(student, [teacher])
+
+
+def make_attention_kd(student, teacher, layers: int, impl: str | None):
+    """(c)/(d): CE + mean over the last ``layers`` blocks of KL(teacher head ‖ student head) attention rows, student
+    head h <- teacher head h·H_t/H_s (SSTA's head-level pairing, every student head), all rows."""
+    from fastkd.functional import attention_kl
+    from fastkd.models import AttentionTaps
+
+    Method = _method_base()
+
+    class AttentionKD(Method):
+        name = f"attn{layers}"
+
+        def __init__(self, student, teachers):
+            super().__init__(student, teachers)
+            blocks = list(range(-layers, 0))
+            self.s_taps = AttentionTaps(student, blocks=blocks, record="qk")
+            self.t_taps = AttentionTaps(teachers[0], blocks=blocks, record="qk")
+            h_s = student.blocks[0].attn.num_heads
+            h_t = teachers[0].model.blocks[0].attn.num_heads
+            self.pairs = [(h, h * h_t // h_s) for h in range(h_s)]
+            self.layers = blocks
+
+        def forward(self, batch):
+            images = batch["images"]
+            with torch.no_grad():
+                self.teachers[0](images)
+            logits = self.student(images)
+            ce = F.cross_entropy(logits.float(), batch["labels"])
+            attn = 0.0
+            for b in self.layers:
+                s, t = self.s_taps[b], self.t_taps[b]
+                n = s.q.shape[2]
+                attn = attn + attention_kl(s.q, s.k, t.q.detach(), t.k.detach(), pairs=self.pairs, scale_s=s.scale,
+                                           scale_t=t.scale, reduction="batchmean", impl=impl) / (n * len(self.pairs))
+            attn = attn / len(self.layers)
+            self.s_taps.clear()
+            self.t_taps.clear()
+            return {"loss": ce + attn, "ce": ce, "attn": attn}
+
+    return AttentionKD(student, [teacher])
+
+
+def _registered(name: str) -> bool:
+    try:
+        import fastkd.methods as methods
+
+        return name in methods.available()
+    except Exception:
+        return False
+
+
+def build_method(variant: str, student, teacher, teacher_factory):
+    """The method for a variant, or a string saying why it is skipped."""
+    import fastkd.methods as methods
+
+    if variant == "none":
+        return make_teacher_ce(student, teacher)
+    if variant.startswith("attn") and variant[4:].split("_")[0].isdigit():
+        layers = int(variant[4:].split("_")[0])
+        depth = len(student.blocks)
+        if layers > depth:
+            return f"student has {depth} blocks < {layers}"
+        return make_attention_kd(student, teacher, layers, "reference" if variant.endswith("_eager") else None)
+    if not _registered(variant):
+        return f"method {variant} is not registered in this build"
+    if variant == "hinton":
+        return methods.build("hinton", student=student, teachers=[teacher])
+    if variant == "ssta":
+        return methods.build("ssta", student=student, teachers=[teacher, teacher_factory()], teacher_head=0, ta_head=1,
+                             teacher_importance=None, ta_importance=None)
+    if variant == "attndistill":
+        return methods.build("attndistill", student=student, teachers=[teacher])
+    return methods.build(variant, student=student, teachers=[teacher])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# data
+
+
+class SyntheticBatches:
+    """Fixed random batches already on the device (``data=none``): the step without any loading cost."""
+
+    backend = "synthetic"
+
+    def __init__(self, batch: int, img_size: int, num_classes: int, device: torch.device, n: int = 2):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        self.batches = [
+            {"images": torch.randn(batch, 3, img_size, img_size, generator=g).to(device),
+             "labels": torch.randint(0, num_classes, (batch,), generator=g).to(device)}
+            for _ in range(n)
+        ]
+        self.num_classes = num_classes
+        self.batch_size = batch
+
+    def __len__(self):
+        return 1 << 30
+
+    def __iter__(self):
+        i = 0
+        while True:
+            yield self.batches[i % len(self.batches)]
+            i += 1
+
+
+def jpeg_folder(root: Path, num_images: int) -> Path:
+    """An ImageFolder ``root/train/<class>/*.jpg`` of photo-sized JPEGs (generated once, reused)."""
+    from fastkd.data import make_jpeg_folder
+
+    train = root / "train"
+    marker = root / f".n{num_images}"
+    if not marker.is_file():
+        make_jpeg_folder(str(train), num_images)
+        marker.write_text("ok")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# measurement
+
+
+def _stamp(device: torch.device) -> dict[str, str]:
+    sys.path.insert(0, str(HERE))
+    try:
+        from _common import stamp  # benchmarks/_common.py (shared by the benchmark scripts)
+
+        s = stamp(device)
+    except Exception:
+        s = {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
+            "torch": torch.__version__,
+            "triton": _version("triton"),
+            "commit": _commit(),
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+    finally:
+        if sys.path and sys.path[0] == str(HERE):
+            sys.path.pop(0)
+    s["timm"] = _version("timm")
+    return s
+
+
+def _version(name: str) -> str:
+    try:
+        return __import__(name).__version__
+    except Exception:
+        return "not installed"
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE.parent, capture_output=True, text=True)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def device_slug(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+@contextlib.contextmanager
+def _kernels_env(value: str | None):
+    old = os.environ.get("FASTKD_KERNELS")
+    if value is not None:
+        os.environ["FASTKD_KERNELS"] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop("FASTKD_KERNELS", None)
+            else:
+                os.environ["FASTKD_KERNELS"] = old
+
+
+def measure(variant: str, *, models: dict, batch: int, img_size: int, data: str, device: torch.device, steps: int,
+            warmup: int, amp: str, workdir: Path, data_root: Path | None, num_classes: int) -> dict[str, Any]:
+    """One row: build the pieces, run ``warmup`` + ``steps`` engine steps, return timings."""
+    from fastkd.config import from_dict
+    from fastkd.engine.trainer import Trainer
+    from fastkd.models import Teacher
+    from fastkd.models import build_model
+
+    torch.manual_seed(0)
+    kw = dict(models["kwargs"], img_size=img_size)
+    tkw = dict(models["t_kwargs"], img_size=img_size)
+    student = build_model(models["student"], num_classes=num_classes, **kw)
+    make_teacher = lambda: Teacher(build_model(models["teacher"], num_classes=num_classes, **tkw))  # noqa: E731
+    teacher = make_teacher()
+    method = build_method(variant, student, teacher, make_teacher)
+    row: dict[str, Any] = {"variant": variant, "method": variant.split("_")[0], "batch": batch, "img_size": img_size,
+                           "data": data, "amp": amp, "steps": steps,
+                           "kernels": "reference" if variant.endswith("_eager") else "default",
+                           "layers": variant[4:].split("_")[0] if variant.startswith("attn") else "",
+                           "tokens": (img_size // student.patch_embed.patch_size[0]) ** 2 + 1}
+    if isinstance(method, str):
+        return {**row, "status": "skipped", "note": method}
+    cfg = from_dict({
+        "run": {"name": f"{variant}_{batch}_{img_size}_{data}", "output_dir": str(workdir), "device": device.type},
+        "method": {"name": "supervised"},
+        "data": {"root": str(data_root or workdir), "img_size": img_size, "batch_size": batch, "num_workers":
+                 min(8, os.cpu_count() or 1) if data == "loader" else 0, "backend": "auto", "num_classes": num_classes,
+                 "scale": [0.08, 1.0]},
+        "optim": {"name": "adamw", "lr": 5e-4},
+        "train": {"steps": warmup + steps, "clip_grad": 1.0, "amp": amp, "progress": False, "eval": False,
+                  "log_every": 1 << 20},
+    })
+    if data == "loader":
+        from fastkd.data import build_loader
+        from fastkd.engine.builders import data_config
+
+        loader = build_loader(data_config(cfg, device), "train", 0, 1)
+    else:
+        loader = SyntheticBatches(batch, img_size, num_classes, device)
+    kernels = "reference" if variant.endswith("_eager") else None
+    with _kernels_env(kernels):
+        trainer = Trainer(cfg, method=method, train_loader=loader, console=False)
+        try:
+            it = iter(_cycle(loader))
+            for _ in range(warmup):
+                trainer.train_step(it)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            times, waits = [], []
+            for _ in range(steps):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                r = trainer.train_step(it)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - t0)
+                waits.append(r["data_wait"])
+        finally:
+            trainer.close()
+    from fastkd.engine.logging import peak_memory_mb
+
+    times_ms = sorted(t * 1e3 for t in times)
+    med = statistics.median(times_ms)
+    q = statistics.quantiles(times_ms, n=5) if len(times_ms) >= 2 else [med] * 4
+    return {**row, "status": "ok", "step_ms": round(med, 3), "step_ms_p20": round(q[0], 3),
+            "step_ms_p80": round(q[3], 3), "img_per_s": round(batch / (med / 1e3), 1),
+            "data_wait_frac": round(sum(waits) / max(sum(times), 1e-9), 4),
+            "peak_mem_gb": round(peak_memory_mb(device) / 1024, 3)}
+
+
+def _cycle(loader):
+    while True:
+        epoch_start = True
+        for b in loader:
+            epoch_start = False
+            yield b
+        if epoch_start:
+            raise RuntimeError("the loader yielded no batch")
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(getattr(loader, "epoch", 0))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# output
+
+
+def append_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.is_file()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in FIELDS})
+
+
+def plot(csv_path: Path, out: Path) -> Path | None:
+    """Images/s per variant, one panel per (batch, img_size, data), from the newest rows of the CSV."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    with open(csv_path) as f:
+        rows = [r for r in csv.DictReader(f) if r["status"] == "ok"]
+    if not rows:
+        return None
+    latest: dict[tuple, dict] = {}
+    for r in rows:  # the newest measurement of each configuration wins
+        latest[(r["mode"], r["variant"], r["batch"], r["img_size"], r["data"])] = r
+    panels = sorted({(r["mode"], r["batch"], r["img_size"], r["data"]) for r in latest.values()},
+                    key=lambda p: (p[0], int(p[1]), int(p[2]), p[3]))
+    cols = min(len(panels), 4)
+    nrows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
+    for ax, (mode, b, s, d) in zip(axes.flat, panels):
+        sel = [r for r in latest.values() if (r["mode"], r["batch"], r["img_size"], r["data"]) == (mode, b, s, d)]
+        sel.sort(key=lambda r: VARIANTS.index(r["variant"]) if r["variant"] in VARIANTS else 99)
+        names = [r["variant"] for r in sel]
+        vals = [float(r["img_per_s"]) for r in sel]
+        colors = ["#888" if n == "none" else ("#c44" if n.endswith("_eager") else "#36a") for n in names]
+        ax.barh(names, vals, color=colors)
+        ax.invert_yaxis()
+        ax.set_title(f"{mode}: batch {b}, {s} px, data={d}", fontsize=9)
+        ax.set_xlabel("images/s")
+        ax.tick_params(labelsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    dev = rows[-1]["device"]
+    fig.suptitle(f"fastkd training step, {dev} ({rows[-1]['date'][:10]})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    cols = ["variant", "batch", "img_size", "data", "status", "step_ms", "img_per_s", "data_wait_frac", "peak_mem_gb"]
+    w = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
+    lines = [" ".join(c.ljust(w[c]) for c in cols)]
+    lines += [" ".join(str(r.get(c, "")).ljust(w[c]) for c in cols) for r in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# main
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="train_step.py", description=__doc__.splitlines()[0])
+    p.add_argument("--tiny", action="store_true", help="CPU smoke mode: tiny ViTs, 32 px, batch 4, 2 steps")
+    p.add_argument("--variants", nargs="+", default=None, choices=VARIANTS, metavar="V",
+                   help=f"variants to run (default all): {' '.join(VARIANTS)}")
+    p.add_argument("--batch", nargs="+", type=int, default=None, help="batch sizes (default 128 256; tiny: 4)")
+    p.add_argument("--img-size", nargs="+", type=int, default=None, help="resolutions (default 224 384; tiny: 32)")
+    p.add_argument("--data", choices=("none", "loader", "both"), default="both",
+                   help="none: synthetic batches on the device; loader: fastkd.data on generated JPEGs; both")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 10; tiny: 2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; tiny: 1)")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--workdir", default=None, help="scratch folder for the JPEGs and run folders (default: a temp dir)")
+    p.add_argument("--no-plot", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("train_step.py: --device cuda but no CUDA device is visible", file=sys.stderr)
+        return 2
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    tiny = args.tiny
+    models = TINY if tiny else FULL
+    variants = args.variants or VARIANTS
+    batches = args.batch or ([4] if tiny else [128, 256])
+    sizes = args.img_size or ([32] if tiny else [224, 384])
+    steps = args.steps or (2 if tiny else 10)
+    warmup = args.warmup if args.warmup is not None else (1 if tiny else 3)
+    datas = ["none", "loader"] if args.data == "both" else [args.data]
+    num_classes = 10 if tiny else args.num_classes
+    out = Path(args.out) if args.out else RESULTS
+    stamp = _stamp(device)
+    mode = "tiny" if tiny else "full"
+    csv_path = out / f"train_step_{device_slug(device)}{'_tiny' if tiny else ''}.csv"
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="fastkd_train_step_") as tmp:
+        work = Path(args.workdir) if args.workdir else Path(tmp)
+        data_root = None
+        if "loader" in datas:
+            n = max(batches) * (steps + warmup + 1)
+            data_root = jpeg_folder(work / "jpegs", n)
+        for data in datas:
+            for size in sizes:
+                for batch in batches:
+                    for variant in variants:
+                        try:
+                            row = measure(variant, models=models, batch=batch, img_size=size, data=data,
+                                          device=device, steps=steps, warmup=warmup, amp=args.amp,
+                                          workdir=work / "runs", data_root=data_root, num_classes=num_classes)
+                        except torch.cuda.OutOfMemoryError:
+                            row = {"variant": variant, "batch": batch, "img_size": size, "data": data,
+                                   "status": "oom", "note": "CUDA out of memory"}
+                        except Exception as exc:  # a broken variant must not hide the others
+                            traceback.print_exc()
+                            row = {"variant": variant, "batch": batch, "img_size": size, "data": data,
+                                   "status": "error", "note": f"{type(exc).__name__}: {exc}"[:300]}
+                        finally:
+                            if device.type == "cuda":
+                                torch.cuda.empty_cache()
+                        row.update(stamp, mode=mode, student=models["student"], teacher=models["teacher"],
+                                   amp=row.get("amp", args.amp))
+                        rows.append(row)
+                        print(f"{variant:>14} b={batch} {size}px data={data}: {row['status']} "
+                              f"{row.get('img_per_s', '')} img/s {row.get('step_ms', '')} ms "
+                              f"{row.get('peak_mem_gb', '')} GB {row.get('note', '')}", flush=True)
+    append_csv(csv_path, rows)
+    print(f"\n{stamp['device']}  torch {stamp['torch']}  triton {stamp['triton']}  commit {stamp['commit']}")
+    print(_table(rows))
+    print(f"rows appended to {csv_path}")
+    if not args.no_plot:
+        png = plot(csv_path, csv_path.with_suffix(".png"))
+        if png:
+            print(f"plot: {png}")
+    return 0 if all(r["status"] in ("ok", "skipped", "oom") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

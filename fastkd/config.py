@@ -1,0 +1,465 @@
+"""Typed run configuration: dataclasses, YAML recipes and ``key.sub=value`` overrides.
+
+A recipe is a YAML mapping whose top-level keys are the fields of :class:`Config`::
+
+    run:      {name: deit_s_hinton, output_dir: runs, seed: 0}
+    student:  {name: deit_small_patch16_224}
+    teachers: [{name: regnety_160, weights: /ckpt/regnety_160.pth}]
+    method:   {name: hinton, params: {temperature: 4.0, alpha: 0.5}}
+    data:     {...}                        # fastkd.data.DataConfig (passed to build_loader)
+    optim:    {name: adamw, lr: 5.0e-4, weight_decay: 0.05, lr_base_batch: 512}
+    schedule: {warmup_epochs: 5, min_lr: 1.0e-5}
+    train:    {epochs: 300, batch_size: 128, clip_grad: null, label_smoothing: 0.1, drop_path: 0.1}
+    distributed: {student: ddp, zero_stage: 0, teacher_placement: replicate}
+
+Recipes are read with ``yaml.safe_load`` (a recipe cannot construct Python objects). Overrides on the
+command line address any field by its dotted path, list items by index, and are parsed as YAML scalars
+and then checked against the field's type: ``train.epochs=3 optim.lr=1e-3 teachers.0.weights=t.pth
+method.params.temperature=2``. Unknown keys are errors that list the valid ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.resources
+import os
+import types
+import typing
+from dataclasses import dataclass
+from dataclasses import field
+from pathlib import Path
+from typing import Any
+from typing import Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the schema; the message names the key."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# data: the data helper's DataConfig when it exists, else a plain mapping passed through to build_loader
+
+
+def _data_config_type():
+    try:
+        from fastkd.data.config import DataConfig  # type: ignore[attr-defined]
+    except ImportError:
+        try:
+            from fastkd.data import DataConfig  # type: ignore[attr-defined]
+        except ImportError:
+            return None
+    return DataConfig if dataclasses.is_dataclass(DataConfig) else None
+
+
+_DataConfig = _data_config_type()
+
+
+def _default_data():
+    return _DataConfig() if _DataConfig is not None else {}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# sections
+
+
+@dataclass
+class RunConfig:
+    """Where and how a run lives."""
+
+    name: str = "run"  # run folder: <output_dir>/<name>
+    output_dir: str = "runs"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
+    resume: str | None = None  # checkpoint file, or "auto" = latest checkpoint in the run folder
+
+
+@dataclass
+class ModelSpec:
+    """A timm model by name; weights come from a local file (never downloaded)."""
+
+    name: str = "deit_tiny_patch16_224"
+    weights: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm create_model arguments (img_size, ...)
+
+
+@dataclass
+class MethodConfig:
+    """A registered distillation method (``fastkd.methods.available()``) and overrides of its defaults."""
+
+    name: str = "hinton"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer, created by timm's ``create_optimizer_v2`` (no weight decay on biases and norms)."""
+
+    name: Literal["adamw", "sgd", "lamb", "adam", "lars", "momentum"] = "adamw"
+    lr: float = 5e-4
+    lr_base_batch: int | None = None  # linear scaling: lr * global_batch / lr_base_batch (DeiT: 512)
+    weight_decay: float = 0.05
+    momentum: float = 0.9  # sgd / lars
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw / lamb
+    eps: float = 1e-8
+    layer_decay: float | None = None  # layer-wise lr decay (fine-tuning recipes)
+
+
+@dataclass
+class ScheduleConfig:
+    """Per-step learning-rate schedule: linear warmup then cosine (or constant)."""
+
+    name: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: float = 0.0
+    warmup_steps: int | None = None  # overrides warmup_epochs when set
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    epochs: int = 1
+    steps: int | None = None  # optimizer steps in total; when set, stops there (overrides epochs for the schedule)
+    batch_size: int | None = None  # per process, per micro-batch; when set, overrides data.batch_size
+    accum_steps: int = 1  # micro-batches per optimizer step
+    clip_grad: float | None = None  # max global grad norm
+    ema: bool = False
+    ema_decay: float = 0.9998
+    drop_path: float = 0.0  # stochastic depth of the student
+    label_smoothing: float = 0.0
+    amp: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    log_every: int = 10  # steps between JSONL records
+    ckpt_every: int = 0  # steps between checkpoints (0: at the end of each epoch only)
+    keep_ckpts: int = 2  # step checkpoints kept besides last.pt
+    eval: bool = True  # evaluate on the val split at the end of each epoch
+    eval_every: int = 1  # epochs
+    progress: bool = True  # tqdm progress bar (rank 0)
+    channels_last: bool = False
+
+
+@dataclass
+class DistributedConfig:
+    """How the student and the teachers are placed across processes."""
+
+    student: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: Literal[0, 1, 2] = 0  # DeepSpeed student: ZeRO stage of optimizer state / gradients
+    teacher_placement: Literal["replicate", "zero3"] = "replicate"  # zero3: DeepSpeed stage-3 engine, no optimizer
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+    find_unused_parameters: bool = False  # DDP: needed when a method leaves some trainable extras unused
+
+
+@dataclass
+class Config:
+    """A whole run. Top-level keys of a recipe."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    student: ModelSpec = field(default_factory=ModelSpec)
+    teachers: list[ModelSpec] = field(default_factory=list)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: Any = field(default_factory=_default_data)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def dump(self, path: str | os.PathLike) -> None:
+        """Write the resolved config as YAML (atomically)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# conversion: plain data <-> dataclasses, with type checks
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    if tp is Any:
+        return "any"
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(tp))
+        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert ``value`` to annotation ``tp``; ``key`` names the field in errors."""
+    if tp is Any:
+        if dataclasses.is_dataclass(value):
+            return value
+        return copy.deepcopy(value)
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        for c in choices:
+            if value == c and type(value) is type(c):
+                return c
+        # "0" from a string-typed source never reaches here (overrides are parsed as YAML), but be lenient on
+        # numbers given as strings for numeric literals
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(repr, choices))}")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key} must not be null (expected {_type_name(tp)})")
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}={value!r} does not fit {_type_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(value) and isinstance(value, tp):
+            return value
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping with keys {', '.join(_field_names(tp))}; got {value!r}")
+        return _build(tp, value, key)
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list ({_type_name(tp)}); got {value!r}")
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis] or [Any]
+        if origin is tuple and len(args) > 1:
+            if len(value) != len(args):
+                raise ConfigError(f"{key} must have {len(args)} items ({_type_name(tp)}); got {value!r}")
+            return tuple(_convert(v, a, f"{key}.{i}") for i, (v, a) in enumerate(zip(value, args)))
+        items = [_convert(v, args[0], f"{key}.{i}") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple or tp is tuple else items
+    if origin is dict or tp is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping; got {value!r}")
+        val_tp = (typing.get_args(tp) or (str, Any))[1]
+        return {str(k): _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false; got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key} must be an integer; got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number; got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be a string; got {value!r}")
+    return value
+
+
+def _field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _build(cls, data: dict[str, Any], prefix: str = ""):
+    names = _field_names(cls)
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(where + str(k) for k in unknown)}; "
+            f"valid keys{' of ' + prefix if prefix else ''}: {', '.join(names)}"
+        )
+    hints = _hints(cls)
+    kwargs = {}
+    for name in names:
+        if name in data:
+            key = f"{prefix}.{name}" if prefix else name
+            tp = hints[name]
+            if cls is Config and name == "data":
+                tp = _DataConfig if _DataConfig is not None else dict[str, Any]
+            kwargs[name] = _convert(data[name], tp, key)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{prefix or cls.__name__}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b.c=value"`` -> (["a", "b", "c"], value parsed as a YAML scalar/flow value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from exc
+    return key.split("."), value
+
+
+def _set_path(tree: Any, path: list[str], value: Any, full: str) -> None:
+    node = tree
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        here = ".".join(path[: i + 1])
+        if isinstance(node, list):
+            try:
+                idx = int(part)
+            except ValueError:
+                raise ConfigError(f"override {full}: {here} must be a list index") from None
+            if idx == len(node) and last:
+                node.append(value)
+                return
+            if idx == len(node):
+                node.append({})
+            if not -len(node) <= idx < len(node):
+                raise ConfigError(f"override {full}: index {idx} out of range (the list has {len(node)} items)")
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            parent = ".".join(path[:i])
+            raise ConfigError(f"override {full}: {parent} is a value ({node!r}), not a section")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides to plain recipe data (a copy is returned)."""
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        _set_path(data, path, value, text)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def recipe_path(name_or_path: str | os.PathLike) -> Path:
+    """A recipe file: an existing path, or the name of a recipe shipped in ``fastkd/recipes``."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    stem = p.name[:-5] if p.name.endswith(".yaml") else p.name
+    shipped = importlib.resources.files("fastkd") / "recipes" / f"{stem}.yaml"
+    if shipped.is_file():
+        return Path(str(shipped))
+    names = sorted(r.name[:-5] for r in (importlib.resources.files("fastkd") / "recipes").iterdir()
+                   if r.name.endswith(".yaml")) if (importlib.resources.files("fastkd") / "recipes").is_dir() else []
+    hint = f"; shipped recipes: {', '.join(names)}" if names else ""
+    raise ConfigError(f"--config {name_or_path}: no such file or shipped recipe{hint}")
+
+
+def from_dict(data: dict[str, Any] | None) -> Config:
+    """Build and check a :class:`Config` from plain data."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"a recipe must be a mapping with keys {', '.join(_field_names(Config))}")
+    cfg = _build(Config, data)
+    validate = getattr(cfg.data, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except ValueError as exc:
+            raise ConfigError(f"data: {exc}") from exc
+    return cfg
+
+
+def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Read a YAML recipe (safe loader), apply ``key.sub=value`` overrides, and check every field."""
+    data: dict[str, Any] = {}
+    if recipe is not None:
+        path = recipe_path(recipe)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config {recipe}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config {recipe}: a recipe must be a mapping, got {type(data).__name__}")
+    cfg = from_dict(data)  # checks the recipe itself, so its errors name the recipe's keys
+    if not overrides:
+        return cfg
+    return replace(cfg, list(overrides))
+
+
+def data_section(cfg: Config) -> Any:
+    """The data section as ``build_loader`` expects it (DataConfig, or the mapping when fastkd.data has none)."""
+    return cfg.data
+
+
+def replace(cfg: Config, overrides: list[str]) -> Config:
+    """A new config: ``cfg`` with overrides applied (and checked)."""
+    return from_dict(apply_overrides(cfg.to_dict(), overrides))
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DistributedConfig",
+    "MethodConfig",
+    "ModelSpec",
+    "OptimConfig",
+    "RunConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "from_dict",
+    "load_config",
+    "parse_override",
+    "recipe_path",
+    "replace",
+]

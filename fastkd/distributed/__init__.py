@@ -1,0 +1,207 @@
+"""Process groups and model placement for multi-process training.
+
+The same entry point runs under ``python -m fastkd``, ``torchrun --nproc_per_node K -m fastkd ...`` and
+``deepspeed --num_gpus K --module fastkd ...``: both launchers export ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``; DeepSpeed also passes ``--local_rank`` (accepted by the
+top-level parser and used when the environment lacks ``LOCAL_RANK``).
+
+Placement (DESIGN.md §7):
+
+* student: :func:`wrap_student_ddp` (torch DDP) or :func:`fastkd.distributed.deepspeed.wrap_student`
+  (a DeepSpeed engine owning the optimizer, ZeRO 0/1/2, bf16 on GPU);
+* teachers: ``replicate`` (a full frozen copy per process, never inside DDP) or ``zero3``
+  (:func:`fastkd.distributed.deepspeed.wrap_teacher_zero3`: a DeepSpeed stage-3 engine with no optimizer;
+  parameters partitioned across ranks and gathered per layer during the forward).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
+
+
+def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto``: ``cuda:<local_rank>`` when CUDA is available, else CPU."""
+    if preference not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"run.device={preference!r} must be auto, cpu or cuda")
+    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("run.device=cuda but no CUDA device is visible (torch.cuda.is_available() is False)")
+    index = local_rank % max(torch.cuda.device_count(), 1)
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def setup(
+    *,
+    device: str = "auto",
+    backend: str = "auto",
+    local_rank: int | None = None,
+    use_deepspeed: bool = False,
+) -> DistInfo:
+    """Initialise the process group when launched with several processes; single-process runs need none.
+
+    Args:
+        device: ``auto`` | ``cpu`` | ``cuda`` (``run.device``).
+        backend: ``auto`` (nccl on CUDA, gloo on CPU) | ``nccl`` | ``gloo`` (``distributed.backend``).
+        local_rank: DeepSpeed's ``--local_rank`` argument; ``LOCAL_RANK`` in the environment wins.
+        use_deepspeed: initialise through ``deepspeed.init_distributed`` (needed when DeepSpeed engines are used).
+    """
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local = _env_int("LOCAL_RANK", local_rank if local_rank is not None else 0)
+    dev = resolve_device(device, local)
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"distributed.backend={backend!r} must be auto, nccl or gloo")
+    if backend == "nccl" and dev.type != "cuda":
+        raise ValueError("distributed.backend=nccl needs CUDA devices; use gloo (or auto) on CPU")
+    if use_deepspeed and dev.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    info = DistInfo(rank=rank, world_size=world, local_rank=local, device=dev, backend=None)
+    if world > 1 or use_deepspeed:
+        if not dist.is_initialized():
+            if world > 1 and "MASTER_ADDR" not in os.environ:
+                raise RuntimeError(
+                    f"WORLD_SIZE={world} but MASTER_ADDR is unset: start with torchrun or the deepspeed launcher"
+                )
+            if use_deepspeed:
+                import deepspeed
+
+                if world == 1:  # a single process still needs a group for the engines
+                    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+                    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+                    os.environ.setdefault("RANK", "0")
+                    os.environ.setdefault("WORLD_SIZE", "1")
+                    os.environ.setdefault("LOCAL_RANK", "0")
+                deepspeed.init_distributed(dist_backend=backend, verbose=False)
+            else:
+                kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+                dist.init_process_group(backend=backend, **kwargs)
+        info.backend = dist.get_backend()
+        info.rank = dist.get_rank()
+        info.world_size = dist.get_world_size()
+    return info
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor from every rank along dim 0 (ranks may hold different lengths)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    world = dist.get_world_size()
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    padded = torch.zeros((max(sizes),) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    out = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded)
+    return torch.cat([o[:s] for o, s in zip(out, sizes)])
+
+
+def all_gather_object(obj):
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def wrap_student_ddp(method: nn.Module, info: DistInfo, *, find_unused_parameters: bool = False) -> nn.Module:
+    """Wrap the method (student + trainable extras; teachers are not submodules) in DDP."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if not info.distributed:
+        return method
+    if not any(p.requires_grad for p in method.parameters()):
+        raise ValueError("the method has no trainable parameters to wrap in DDP")
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return DDP(method, device_ids=ids, find_unused_parameters=find_unused_parameters)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The method inside a DDP wrapper or DeepSpeed engine."""
+    while hasattr(module, "module") and isinstance(module.module, nn.Module):
+        module = module.module
+    return module
+
+
+__all__ = [
+    "DistInfo",
+    "all_gather_cat",
+    "all_gather_object",
+    "all_reduce_max",
+    "all_reduce_sum",
+    "barrier",
+    "cleanup",
+    "resolve_device",
+    "setup",
+    "unwrap",
+    "wrap_student_ddp",
+]

@@ -1,0 +1,638 @@
+"""The training loop: one optimizer step = ``train.accum_steps`` micro-batches through ``method(batch)``.
+
+Per step: bf16 autocast on CUDA (fp32 on CPU unless ``train.amp`` says otherwise), backward, gradient
+clipping, optimizer step (torch, DDP, or a DeepSpeed engine), per-step LR schedule (timm), EMA of the student
+(timm ``ModelEmaV3``), ``method.on_step_end``. Every step checks the loss for NaN/Inf *before* the optimizer
+step; a non-finite loss saves a checkpoint (the parameters are still the last finite ones) and stops with a
+:class:`NonFiniteLossError` naming the loss part.
+
+Logging: a tqdm bar with loss and img/s; JSONL records every ``train.log_every`` steps (loss parts, lr, img/s,
+step time, data-wait fraction, peak memory); TensorBoard when installed; a summary table at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastkd.config import Config
+from fastkd.config import ConfigError
+from fastkd.distributed import DistInfo
+from fastkd.distributed import all_gather_object
+from fastkd.distributed import all_reduce_max
+from fastkd.distributed import all_reduce_sum
+from fastkd.distributed import barrier
+from fastkd.distributed import setup as setup_distributed
+from fastkd.distributed import unwrap
+from fastkd.distributed import wrap_student_ddp
+from fastkd.engine import builders
+from fastkd.engine import checkpoint as ckpt
+from fastkd.engine.evaluate import evaluate_knn
+from fastkd.engine.evaluate import evaluate_topk
+from fastkd.engine.logging import MetricLogger
+from fastkd.engine.logging import format_table
+from fastkd.engine.logging import peak_memory_mb
+from fastkd.engine.logging import progress_bar
+
+log = logging.getLogger("fastkd.engine")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or one of its parts) became NaN/Inf; a checkpoint was saved before stopping."""
+
+    def __init__(self, message: str, *, step: int, parts: list[str], checkpoint: str | None):
+        super().__init__(message)
+        self.step = step
+        self.parts = parts
+        self.checkpoint = checkpoint
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _batch_size(batch: dict[str, Any]) -> int:
+    images = batch["images"]
+    if isinstance(images, (list, tuple)):
+        images = images[0]
+    return int(images.shape[0])
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    def move(v):
+        if isinstance(v, torch.Tensor):
+            return v.to(device, non_blocking=True) if v.device != device else v
+        if isinstance(v, (list, tuple)):
+            return type(v)(move(x) for x in v)
+        return v
+
+    return {k: move(v) for k, v in batch.items()}
+
+
+class Trainer:
+    """Builds a run from a :class:`~fastkd.config.Config` and trains it.
+
+    The pieces can be injected (tests, benchmarks, the demo): ``method`` (with its teachers), ``train_loader``,
+    ``val_loader``, ``bank_loader`` (k-NN feature bank). Missing ones are built from the config with
+    ``fastkd.data`` / ``fastkd.models`` / ``fastkd.methods``.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        local_rank: int | None = None,
+        info: DistInfo | None = None,
+        method: nn.Module | None = None,
+        train_loader=None,
+        val_loader=None,
+        bank_loader=None,
+        console: bool = True,
+    ):
+        self.cfg = cfg
+        t = cfg.train
+        d = cfg.distributed
+        if t.accum_steps < 1:
+            raise ConfigError(f"train.accum_steps={t.accum_steps} must be >= 1")
+        if t.log_every < 1:
+            raise ConfigError(f"train.log_every={t.log_every} must be >= 1")
+        if t.clip_grad is not None and t.clip_grad <= 0:
+            raise ConfigError(f"train.clip_grad={t.clip_grad} must be > 0 (or null to turn clipping off)")
+        self.use_deepspeed = d.student == "deepspeed"
+        needs_ds = self.use_deepspeed or d.teacher_placement == "zero3"
+        self.info = info or setup_distributed(device=cfg.run.device, backend=d.backend, local_rank=local_rank,
+                                              use_deepspeed=needs_ds)
+        self.device = self.info.device
+        self.is_main = self.info.is_main
+        self.console = console and self.is_main
+        seed_everything(cfg.run.seed + self.info.rank)
+        self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.dump(self.run_dir / "config.yaml")
+
+        # ---- precision
+        amp = t.amp
+        if amp == "auto":
+            amp = "bf16" if self.device.type == "cuda" else "fp32"
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp32": None}[amp]
+        self.amp = amp
+
+        # ---- data
+        self.data_cfg = builders.data_config(cfg, self.device)
+        if method is not None:
+            self_supervised = bool(getattr(unwrap(method), "self_supervised", False))
+        else:
+            self_supervised = bool(getattr(builders.method_class(cfg.method.name), "self_supervised", False))
+        if train_loader is None:  # the k-NN bank (training images, validation transforms) only for SSL methods
+            train_loader, val_loader, bank_loader = builders.build_loaders(
+                cfg, self.data_cfg, self.info.rank, self.info.world_size, need_train_eval=self_supervised
+            )
+        self.train_loader, self.val_loader, self.bank_loader = train_loader, val_loader, bank_loader
+        self.num_classes = getattr(train_loader, "num_classes", None) or getattr(self.data_cfg, "num_classes", None)
+        micro_batches = len(train_loader)
+        self.steps_per_epoch = micro_batches // t.accum_steps
+        self.total_steps = builders.total_steps_for(cfg, self.steps_per_epoch)
+        if self.steps_per_epoch < 1:
+            raise ConfigError(
+                f"the training loader has {micro_batches} batches per epoch, fewer than train.accum_steps="
+                f"{t.accum_steps}"
+            )
+
+        # ---- models and method
+        if method is None:
+            student = builders.build_student(cfg, self.num_classes)
+            teachers = builders.build_teachers(cfg, self.num_classes, self.data_cfg)
+            method = builders.build_method(cfg, student, teachers)
+        self.method = method
+        method.to(self.device)
+        if t.channels_last:
+            method.student.to(memory_format=torch.channels_last)
+        self._place_teachers()
+
+        # ---- optimizer, schedule
+        micro = getattr(self.data_cfg, "batch_size", None) or _guess_batch(train_loader)
+        self.global_batch = micro * t.accum_steps * self.info.world_size
+        self.base_lr = builders.scaled_lr(cfg, self.global_batch)
+        self.optimizer = builders.build_optimizer(cfg, method, self.base_lr)
+        self.scheduler = builders.build_scheduler(cfg, self.optimizer, self.total_steps, self.steps_per_epoch)
+        self.scaler = None
+
+        # ---- placement of the student
+        self.engine = None
+        if self.use_deepspeed:
+            from fastkd.distributed import deepspeed as ds
+
+            ds_cfg = ds.student_config(
+                micro_batch=micro, accum_steps=t.accum_steps, world_size=self.info.world_size,
+                zero_stage=d.zero_stage, clip_grad=t.clip_grad, bf16=self.amp == "bf16" and self.device.type == "cuda",
+            )
+            self.engine, _ = ds.wrap_student(method, self.optimizer, ds_cfg)
+            self.model = self.engine
+        else:
+            if d.zero_stage != 0:
+                raise ConfigError(
+                    f"distributed.zero_stage={d.zero_stage} needs distributed.student=deepspeed (DDP has no ZeRO)"
+                )
+            self.model = wrap_student_ddp(method, self.info, find_unused_parameters=d.find_unused_parameters)
+
+        # ---- EMA of the student
+        self.ema = None
+        if t.ema:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(method.student, decay=t.ema_decay, dtype=torch.float32)
+
+        # ---- state
+        self.step = 0  # optimizer steps done
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.history: list[dict[str, Any]] = []
+        self.last_eval: dict[str, float] = {}
+        self.logger = MetricLogger(self.run_dir, enabled=self.is_main)
+        self._mid_epoch_resume = False
+        self._train_time = 0.0
+        self._train_images = 0
+        self._last_parts: dict[str, float] = {}
+
+        self._log_setup()
+
+        resume = cfg.run.resume
+        if resume:
+            path = ckpt.latest(self.run_dir) if resume == "auto" else Path(resume)
+            if path is not None:
+                self.load_checkpoint(path)
+            elif self.console:
+                print(f"run.resume=auto: no checkpoint in {self.run_dir}/ckpt, starting fresh", file=sys.stderr)
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # placement
+
+    def _place_teachers(self) -> None:
+        placement = self.cfg.distributed.teacher_placement
+        teachers = list(getattr(self.method, "teachers", []))
+        self.teacher_engines = []
+        for teacher in teachers:
+            teacher.to(self.device)
+            teacher.eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+        if placement == "zero3" and teachers:
+            from fastkd.distributed import deepspeed as ds
+
+            micro = getattr(self.data_cfg, "batch_size", None) or 1
+            for teacher in teachers:
+                self.teacher_engines.append(
+                    ds.wrap_teacher_zero3(teacher, micro_batch=micro, world_size=self.info.world_size,
+                                          bf16=self.amp == "bf16" and self.device.type == "cuda")
+                )
+
+    def _log_setup(self) -> None:
+        """One JSONL record describing the placement (what every rank holds), written once at start."""
+        from fastkd.distributed.deepspeed import is_partitioned
+
+        teachers = []
+        for teacher in getattr(self.method, "teachers", []):
+            params = list(teacher.parameters())
+            local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False)
+                        else p.numel() for p in params)
+            full = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+            teachers.append({"partitioned": is_partitioned(teacher), "local_numel": local, "numel": full})
+        per_rank = all_gather_object(teachers)
+        rec = {
+            "kind": "setup",
+            "world_size": self.info.world_size,
+            "backend": self.info.backend,
+            "device": str(self.device),
+            "amp": self.amp,
+            "student": "deepspeed" if self.engine is not None else ("ddp" if self.info.distributed else "single"),
+            "zero_stage": self.cfg.distributed.zero_stage if self.engine is not None else None,
+            "teacher_placement": self.cfg.distributed.teacher_placement,
+            "teachers": [
+                {"numel": t["numel"], "partitioned": all(r[i]["partitioned"] for r in per_rank),
+                 "local_numel": [r[i]["local_numel"] for r in per_rank]}
+                for i, t in enumerate(teachers)
+            ],
+            "global_batch": self.global_batch,
+            "lr": self.base_lr,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "trainable_params": sum(p.numel() for p in self.method.parameters() if p.requires_grad),
+        }
+        self.logger.log(rec, self.step)
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # helpers
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return unwrap(self.model)
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
+        batch = _to_device(batch, self.device)
+        if self.cfg.train.channels_last:
+            im = batch["images"]
+            if isinstance(im, torch.Tensor):
+                batch["images"] = im.contiguous(memory_format=torch.channels_last)
+        return batch
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # one optimizer step
+
+    def train_step(self, batches) -> dict[str, Any]:
+        """Run ``accum_steps`` micro-batches from the iterator ``batches`` and one optimizer step."""
+        t = self.cfg.train
+        accum = t.accum_steps
+        t0 = time.perf_counter()
+        data_wait = 0.0
+        n_images = 0
+        parts: dict[str, torch.Tensor] = {}
+        flag = torch.zeros((), device=self.device)
+        self.model.train()
+        for micro in range(accum):
+            td = time.perf_counter()
+            batch = self._prepare(next(batches))
+            data_wait += time.perf_counter() - td
+            n_images += _batch_size(batch)
+            last = micro == accum - 1
+            if self.engine is not None:
+                with self.autocast():
+                    out = self.engine(batch)
+                loss = out["loss"]
+                flag = torch.maximum(flag, (~torch.isfinite(loss.detach())).float())
+                self.engine.backward(loss)
+                if not last:
+                    self.engine.step()
+            else:
+                accumulate = not last and hasattr(self.model, "no_sync")
+                with self.model.no_sync() if accumulate else contextlib.nullcontext():
+                    with self.autocast():
+                        out = self.model(batch)
+                    loss = out["loss"]
+                    flag = torch.maximum(flag, (~torch.isfinite(loss.detach())).float())
+                    (loss / accum).backward()
+            for k, v in out.items():
+                if isinstance(v, torch.Tensor) and v.numel() == 1:
+                    parts[k] = parts.get(k, 0.0) + v.detach().float().reshape(()) / accum
+        # one synchronisation per step: the non-finite flag and the loss parts, summed over ranks
+        names = sorted(parts)
+        packed = torch.stack([flag] + [parts[k] for k in names]).to(torch.float64)
+        packed = all_reduce_sum(packed)
+        values = packed.tolist()
+        world = self.info.world_size
+        parts_f = {k: values[i + 1] / world for i, k in enumerate(names)}
+        if values[0] > 0:
+            self._on_nonfinite(parts_f)
+        grad_norm = None
+        if self.engine is not None:
+            self.engine.step()
+            gn = self.engine.get_global_grad_norm() if hasattr(self.engine, "get_global_grad_norm") else None
+            grad_norm = float(gn) if gn is not None else None
+        else:
+            params = [p for p in self.method.parameters() if p.requires_grad]
+            if t.clip_grad:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.clip_grad))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.step_in_epoch += 1
+        self.scheduler.step_update(num_updates=self.step)
+        if self.ema is not None:
+            self.ema.update(self.method.student, step=self.step)
+        on_step_end = getattr(self.method, "on_step_end", None)
+        if on_step_end is not None:
+            on_step_end(self.step, self.total_steps)
+        dt = time.perf_counter() - t0
+        return {"parts": parts_f, "images": n_images * world, "time": dt, "data_wait": data_wait,
+                "grad_norm": grad_norm}
+
+    def _on_nonfinite(self, parts: dict[str, float]) -> None:
+        bad = [k for k, v in parts.items() if not math.isfinite(v) and k != "loss"] or ["loss"]
+        if self.engine is None:
+            self.optimizer.zero_grad(set_to_none=True)
+        path = self.save_checkpoint(name=f"nonfinite_step_{self.step:08d}.pt", link_last=False)
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
+        msg = (
+            f"non-finite loss at step {self.step + 1} (epoch {self.epoch}): loss part"
+            f"{'s' if len(bad) > 1 else ''} {', '.join(repr(b) for b in bad)} became NaN/Inf ({shown}). "
+            f"The optimizer step was skipped and the last finite state saved to {path}. "
+            "Try a lower optim.lr, train.clip_grad, or train.amp=fp32."
+        )
+        raise NonFiniteLossError(msg, step=self.step + 1, parts=bad, checkpoint=str(path) if path else None)
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # loop
+
+    def train(self, *, stop_at: int | None = None) -> dict[str, Any]:
+        """Train until ``train.steps`` / ``train.epochs`` (or, for tests, ``stop_at`` steps: saves a checkpoint and
+        returns as if interrupted). Returns the summary."""
+        t = self.cfg.train
+        bar = progress_bar(self.total_steps, self.step, enabled=t.progress and self.console)
+        win = {"n": 0, "images": 0, "time": 0.0, "data_wait": 0.0, "parts": {}}
+        ckpt_every = t.ckpt_every
+        try:
+            while self.step < self.total_steps:
+                if not self._mid_epoch_resume and hasattr(self.train_loader, "set_epoch"):
+                    self.train_loader.set_epoch(self.epoch)
+                self._mid_epoch_resume = False
+                batches = iter(self.train_loader)
+                while self.step_in_epoch < self.steps_per_epoch and self.step < self.total_steps:
+                    r = self.train_step(batches)
+                    self._train_time += r["time"]
+                    self._train_images += r["images"]
+                    win["n"] += 1
+                    win["images"] += r["images"]
+                    win["time"] += r["time"]
+                    win["data_wait"] += r["data_wait"]
+                    for k, v in r["parts"].items():
+                        win["parts"][k] = win["parts"].get(k, 0.0) + v
+                    self._last_parts = r["parts"]
+                    bar.update(1)
+                    loss = r["parts"].get("loss", float("nan"))
+                    bar.set_postfix_str(f"loss {loss:.4f} | {r['images'] / max(r['time'], 1e-9):.0f} img/s")
+                    if self.step % t.log_every == 0 or self.step == self.total_steps:
+                        self._log_window(win, r)
+                        win = {"n": 0, "images": 0, "time": 0.0, "data_wait": 0.0, "parts": {}}
+                    if stop_at is not None and self.step >= stop_at:
+                        self.save_checkpoint()
+                        return self.summary()
+                    if ckpt_every and self.step % ckpt_every == 0 and self.step < self.total_steps:
+                        self.save_checkpoint()
+                if self.step_in_epoch >= self.steps_per_epoch:
+                    self.epoch += 1
+                    self.step_in_epoch = 0
+                    done = self.step >= self.total_steps
+                    if t.eval and (done or self.epoch % max(t.eval_every, 1) == 0):
+                        self.run_eval()
+                    if not done:
+                        self.save_checkpoint()
+            if t.eval and not self.last_eval.get("_step") == self.step:
+                self.run_eval()
+            self.save_checkpoint()
+        finally:
+            bar.close()
+        summary = self.summary()
+        if self.console:
+            print(self.summary_table(summary), flush=True)
+        return summary
+
+    def _log_window(self, win: dict[str, Any], last: dict[str, Any]) -> None:
+        n = max(win["n"], 1)
+        rec: dict[str, Any] = {"kind": "train", "epoch": self.epoch}
+        rec.update({k: v / n for k, v in win["parts"].items()})
+        rec["lr"] = self.lr()
+        rec["img_per_s"] = win["images"] / max(win["time"], 1e-9)
+        rec["step_time_s"] = win["time"] / n
+        rec["data_wait_frac"] = win["data_wait"] / max(win["time"], 1e-9)
+        peak = torch.tensor(peak_memory_mb(self.device), dtype=torch.float64, device=self.device)
+        rec["peak_mem_mb"] = float(all_reduce_max(peak))
+        if last.get("grad_norm") is not None:
+            rec["grad_norm"] = last["grad_norm"]
+        self.history.append({"step": self.step, **rec})
+        self.logger.log(rec, self.step)
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # evaluation
+
+    @torch.no_grad()
+    def run_eval(self) -> dict[str, float]:
+        """top-1/top-5 with ``method.predict`` (also for the EMA student), or k-NN for self-supervised methods."""
+        method = self.method
+        was_training = method.training
+        method.eval()
+        res: dict[str, float] = {}
+        try:
+            if getattr(method, "self_supervised", False):
+                bank = self.bank_loader
+                if bank is not None and self.val_loader is not None:
+                    res.update(evaluate_knn(method.features, bank, self.val_loader,
+                                            num_classes=int(self.num_classes or 0) or _infer_classes(bank),
+                                            autocast=self.autocast()))
+            elif self.val_loader is not None:
+                res.update(evaluate_topk(method.predict, self.val_loader, autocast=self.autocast(),
+                                         device=self.device))
+                if self.ema is not None:
+                    with self._swapped_student(self.ema.module):
+                        ema = evaluate_topk(method.predict, self.val_loader, autocast=self.autocast(),
+                                            device=self.device)
+                    res["ema_top1"], res["ema_top5"] = ema["top1"], ema["top5"]
+        finally:
+            method.train(was_training)
+        if res:
+            res.pop("n", None)
+            self.logger.log({"kind": "eval", "epoch": self.epoch, **res}, self.step)
+            if self.console:
+                shown = ", ".join(f"{k} {v:.2f}" for k, v in res.items())
+                print(f"eval @ step {self.step} (epoch {self.epoch}): {shown}", file=sys.stderr, flush=True)
+        self.last_eval = {**res, "_step": self.step}
+        return res
+
+    @contextlib.contextmanager
+    def _swapped_student(self, student: nn.Module):
+        original = self.method._modules["student"]
+        self.method._modules["student"] = student
+        try:
+            yield
+        finally:
+            self.method._modules["student"] = original
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "format": "fastkd-checkpoint/1",
+            "step": self.step,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "world_size": self.info.world_size,
+            "method": self.method.state_dict(),
+            "optimizer": None if self.engine is not None else self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "loader": self.train_loader.state_dict() if hasattr(self.train_loader, "state_dict") else None,
+            "config": self.cfg.to_dict(),
+            "metrics": {k: v for k, v in self.last_eval.items() if not k.startswith("_")},
+            "train_time": self._train_time,
+            "train_images": self._train_images,
+        }
+        return state
+
+    def save_checkpoint(self, name: str | None = None, *, link_last: bool = True) -> Path | None:
+        """Write the run state (collective: every rank calls it). Returns the path on rank 0."""
+        rng = all_gather_object(ckpt.rng_state())
+        state = self.state_dict()
+        state["rng"] = rng
+        if self.engine is not None:
+            tag = f"step_{self.step:08d}"
+            self.engine.save_checkpoint(str(self.run_dir / "deepspeed"), tag=tag)
+            state["deepspeed_tag"] = tag
+        path = None
+        if self.is_main:
+            path = self.run_dir / "ckpt" / name if name else ckpt.step_path(self.run_dir, self.step)
+            ckpt.atomic_save(state, path)
+            if link_last:
+                last = ckpt.last_path(self.run_dir)
+                tmp = last.with_name(".last.pt.link")
+                tmp.unlink(missing_ok=True)
+                try:
+                    os.link(path, tmp)
+                except OSError:
+                    ckpt.atomic_save(state, tmp)
+                os.replace(tmp, last)
+                ckpt.prune(self.run_dir, self.cfg.train.keep_ckpts)
+        barrier()
+        return path
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore everything :meth:`save_checkpoint` wrote; training continues exactly where it stopped."""
+        path = Path(path)
+        state = ckpt.load(path, map_location="cpu")
+        if state.get("format") != "fastkd-checkpoint/1":
+            raise ckpt.CheckpointError(f"run.resume={path}: not a fastkd training checkpoint (no format tag)")
+        missing, unexpected = self.method.load_state_dict(state["method"], strict=False)
+        if missing or unexpected:
+            raise ckpt.CheckpointError(
+                f"run.resume={path}: the checkpoint does not fit method {self.cfg.method.name} "
+                f"(missing keys: {list(missing)[:8]}, unexpected keys: {list(unexpected)[:8]})"
+            )
+        if self.engine is not None:
+            tag = state.get("deepspeed_tag")
+            if tag is None:
+                raise ckpt.CheckpointError(
+                    f"run.resume={path}: saved without a DeepSpeed student; its optimizer state is not DeepSpeed's"
+                )
+            self.engine.load_checkpoint(str(path.parent.parent / "deepspeed"), tag=tag,
+                                        load_optimizer_states=True, load_lr_scheduler_states=False)
+        elif state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            raise ckpt.CheckpointError(
+                f"run.resume={path}: saved by a DeepSpeed student; resume with distributed.student=deepspeed"
+            )
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.module.load_state_dict(state["ema"])
+        if state.get("loader") is not None and hasattr(self.train_loader, "load_state_dict"):
+            self.train_loader.load_state_dict(state["loader"])
+        rng = state.get("rng") or []
+        if self.info.rank < len(rng):
+            ckpt.set_rng_state(rng[self.info.rank])
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        self.step_in_epoch = int(state["step_in_epoch"])
+        self._mid_epoch_resume = self.step_in_epoch > 0
+        self._train_time = float(state.get("train_time", 0.0))
+        self._train_images = int(state.get("train_images", 0))
+        self.scheduler.step_update(num_updates=self.step)
+        if self.console:
+            print(f"resumed from {path} at step {self.step} (epoch {self.epoch})", file=sys.stderr, flush=True)
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # summary
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "run": self.cfg.run.name,
+            "method": self.cfg.method.name,
+            "steps": self.step,
+            "epochs": round(self.step / max(self.steps_per_epoch, 1), 3),
+            "loss": self._last_parts.get("loss", float("nan")),
+            "img_per_s": self._train_images / max(self._train_time, 1e-9),
+            "train_time_s": self._train_time,
+            "peak_mem_mb": peak_memory_mb(self.device),
+        }
+        out.update({k: v for k, v in self.last_eval.items() if not k.startswith("_")})
+        if self.is_main:
+            import json
+
+            (self.run_dir / "summary.json").write_text(json.dumps(out, indent=2, default=str))
+        return out
+
+    def summary_table(self, summary: dict[str, Any]) -> str:
+        rows = [{"metric": k, "value": v} for k, v in summary.items()]
+        return f"\nrun {self.run_dir}\n" + format_table(rows, ["metric", "value"])
+
+    def close(self) -> None:
+        self.logger.close()
+
+
+def _guess_batch(loader) -> int:
+    bs = getattr(loader, "batch_size", None)
+    if isinstance(bs, int) and bs > 0:
+        return bs
+    return 1
+
+
+def _infer_classes(loader) -> int:
+    n = getattr(loader, "num_classes", None)
+    if n:
+        return int(n)
+    raise ConfigError("k-NN evaluation needs the number of classes: set data.num_classes")
+
+
+__all__ = ["NonFiniteLossError", "Trainer", "seed_everything"]
