@@ -125,9 +125,22 @@ class PeakRSS:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
+    @staticmethod
+    def _release_free_memory() -> None:
+        """Hand memory freed earlier (warm-up) back to the OS, so the baseline is the live set only."""
+        import ctypes
+        import gc
+
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
     def __enter__(self):
         import threading
 
+        self._release_free_memory()
         self._base = self._rss()
         self._peak = self._base
         self._stop = threading.Event()

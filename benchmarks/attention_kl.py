@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     peaks = C.peaks_for(device)
     env = C.stamp(device)
     rows = []
+    out = Path(args.out) if args.out else C.RESULTS / f"attention_kl_{C.device_slug(device)}.csv"
     print(f"attention_kl benchmark on {env['device']} (torch {env['torch']}, triton {env['triton']})")
     header = ("provider", "dtype", "B", "H", "N", "mode", "p50 ms", "peak MiB", "floor")
     print("{:<8} {:<5} {:>4} {:>3} {:>5} {:<8} {:>10} {:>9} {:>7}".format(*header))
@@ -230,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{provider:<8} {dtype_name:<5} {B:>4} {H:>3} {N:>5} failed: {res['error']}")
                     continue
                 costs = model(B, H, N, d, DTYPES[dtype_name].itemsize)
+                new_rows = []
                 for mode in MODES:
                     p50, p20, p80 = res["times"][mode]
                     fl, bound = floor_ms(costs[mode], peaks)
@@ -241,12 +243,13 @@ def main(argv: list[str] | None = None) -> int:
                         "model_exps": costs[mode]["exp"], "floor_ms": "" if fl is None else round(fl, 5),
                         "bound": bound, "frac_of_floor": "" if fl is None else round(fl / p50, 4), **env,
                     }  # fmt: skip
-                    rows.append(row)
+                    new_rows.append(row)
                     frac = "" if fl is None else f"{fl / p50:6.1%}"
                     print(f"{provider:<8} {dtype_name:<5} {B:>4} {H:>3} {N:>5} {mode:<8} {p50:>10.3f} "
                           f"{res['peak_mib']:>9.1f} {frac:>7}")
-    out = Path(args.out) if args.out else C.RESULTS / f"attention_kl_{C.device_slug(device)}.csv"
-    C.write_csv(out, rows)
+                # written as it goes, so a run cut short (a time limit) keeps what it measured
+                C.write_csv(out, new_rows, append=bool(rows))
+                rows += new_rows
     print(f"wrote {out}")
     if not args.no_plot and rows:
         plot(rows, out.with_suffix(".png"))

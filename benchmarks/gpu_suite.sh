@@ -6,9 +6,13 @@
 # Stages (each fits one 10-minute device command; run them as consecutive commands of one lease):
 #   install     pip install the project (no deps; the machine brings torch/triton/timm) + carried wheels/
 #   tests       pytest -m gpu: the Triton kernels compiled for real, against the fp64 reference
-#   kernels     benchmarks/attention_kl.py at the standard GPU shapes (fastkd, eager, torch.compile)
+#   kernels_bf16, kernels_fp32
+#               benchmarks/attention_kl.py at the standard GPU shapes (fastkd, eager, torch.compile), one dtype
+#               per command; `kernels` runs both
 #   importance  benchmarks/head_importance.py
-#   train       benchmarks/train_step.py (DeiT-S <- DeiT-B, bf16, 224/384 px, batch 128/256)
+#   train224, train384, trainloader
+#               benchmarks/train_step.py (DeiT-S <- DeiT-B, bf16, batch 128/256): 224 px and 384 px without data,
+#               then 224 px through the loader; `train` runs all three (too long for one command)
 #   summary     print a short table of what came back
 # Everything (CSVs, plots, logs, junit XML) lands in $OUT; copy the CSVs/PNGs to benchmarks/results/.
 # DRY_RUN=1 runs every stage at smoke size on a CPU-only machine (GPU parts skipped) to check the script.
@@ -18,7 +22,7 @@ OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(install tests kernels importance train summary)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(install tests kernels_bf16 kernels_fp32 importance train224 train384 trainloader summary)
 DRY=${DRY_RUN:-0}
 
 log() { echo "[gpu_suite $(date -u +%H:%M:%S)] $*" | tee -a "$OUT/suite.log"; }
@@ -41,34 +45,43 @@ stage_tests() {
   log "gpu tests rc=$? ($(tail -n 1 "$OUT/gpu_tests.log"))"
 }
 
-stage_kernels() {
-  local args=(--out "$OUT/attention_kl_gpu.csv")
-  [ "$DRY" = 1 ] && args+=(--shapes "1,2,65,16" --providers fastkd,eager --dtypes fp32 --rep-ms 5)
-  timeout 560 $PY benchmarks/attention_kl.py "${args[@]}" > "$OUT/bench_attention_kl.log" 2>&1
-  log "attention_kl benchmark rc=$?"
+_kernels() {
+  local dtype=$1
+  local args=(--dtypes "$dtype" --out "$OUT/attention_kl_gpu_$dtype.csv")
+  [ "$DRY" = 1 ] && args=(--dtypes "$dtype" --out "$OUT/attention_kl_gpu_$dtype.csv" --shapes "1,2,65,16"
+                          --providers fastkd,eager --rep-ms 5)
+  timeout 560 $PY benchmarks/attention_kl.py "${args[@]}" > "$OUT/bench_attention_kl_$dtype.log" 2>&1
+  log "attention_kl benchmark ($dtype) rc=$? (rows are written as they are measured)"
 }
+stage_kernels_bf16() { _kernels bf16; }
+stage_kernels_fp32() { _kernels fp32; }
+stage_kernels() { stage_kernels_bf16; stage_kernels_fp32; }
 
 stage_importance() {
-  [ -f benchmarks/head_importance.py ] || { log "no benchmarks/head_importance.py"; return 0; }
-  local args=(--out "$OUT/head_importance_gpu.csv")
-  [ "$DRY" = 1 ] && args+=(--quick)
+  local args=(--out "$OUT/head_importance_gpu.csv" --overwrite)
+  [ "$DRY" = 1 ] && args+=(--shapes 1x2x33x16 --reps 1)
   timeout 500 $PY benchmarks/head_importance.py "${args[@]}" > "$OUT/bench_head_importance.log" 2>&1
   log "head_importance benchmark rc=$?"
 }
 
-stage_train() {
-  [ -f benchmarks/train_step.py ] || { log "no benchmarks/train_step.py"; return 0; }
-  local args=(--out "$OUT/train_step_gpu.csv")
-  [ "$DRY" = 1 ] && args+=(--tiny)
-  timeout 560 $PY benchmarks/train_step.py "${args[@]}" > "$OUT/bench_train_step.log" 2>&1
-  log "train_step benchmark rc=$?"
+# the end-to-end benchmark in pieces of about 5 minutes each: train224, train384, trainloader
+_train() {
+  local tag=$1; shift
+  local args=(--out "$OUT/train_step" --workdir /tmp/fastkd_train_step "$@")
+  [ "$DRY" = 1 ] && args=(--out "$OUT/train_step" --tiny --data none)
+  timeout 560 $PY benchmarks/train_step.py "${args[@]}" > "$OUT/bench_train_step_$tag.log" 2>&1
+  log "train_step benchmark ($tag) rc=$?"
 }
+stage_train224() { _train 224 --img-size 224 --data none; }
+stage_train384() { _train 384 --img-size 384 --data none; }
+stage_trainloader() { _train loader --img-size 224 --data loader --variants none hinton attn12 attn12_eager; }
+stage_train() { stage_train224; stage_train384; stage_trainloader; }
 
 stage_summary() {
   $PY - "$OUT" <<'PYEOF'
 import csv, glob, os, sys
 out = sys.argv[1]
-for path in sorted(glob.glob(os.path.join(out, "*.csv"))):
+for path in sorted(glob.glob(os.path.join(out, "*.csv")) + glob.glob(os.path.join(out, "*", "*.csv"))):
     rows = list(csv.DictReader(open(path)))
     print(f"\n{os.path.basename(path)}: {len(rows)} rows")
     full = [r for r in rows if r.get("mode") in ("full", None, "")][:24]

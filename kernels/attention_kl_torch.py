@@ -4,7 +4,7 @@ Works on chunks of query rows (and of the batch when one row block is already la
 builds its ``[b, P, c, N]`` logits, reduces them to per-row KL and LSE, and frees them. The backward
 recomputes each chunk from the saved per-row LSEs (plain autograd over chunks would keep every chunk's
 softmax alive, i.e. the whole ``[B, H, N, N]`` map). Peak extra memory: O(chunk_elems), set by
-``FASTKD_TORCH_CHUNK_ELEMS`` (default 2**22 logits per chunk, a few 16 MB temporaries).
+``FASTKD_TORCH_CHUNK_ELEMS`` (default 2**18 logits per chunk: 1 MiB fp32 temporaries).
 
 Math (per row, ``a``/``b`` = logits of the target/other distribution, ``p = softmax(a)``)::
 
@@ -19,7 +19,7 @@ import os
 
 import torch
 
-DEFAULT_CHUNK_ELEMS = 1 << 22
+DEFAULT_CHUNK_ELEMS = 1 << 18
 
 
 def chunk_elems() -> int:
