@@ -12,6 +12,7 @@ import fastkd.methods as M
 from fastkd.models import Teacher
 from fastkd.models.teacher import IMAGENET_MEAN
 from fastkd.models.teacher import IMAGENET_STD
+from tests.methods._recipes import check_method_recipes
 
 
 def vit(embed_dim=32, heads=2, depth=2, patch=8, seed=0, class_token=True, distilled=False, sharp=4.0):
@@ -223,35 +224,4 @@ def test_bad_configs():
 
 # ------------------------------------------------------------------------------------------------ recipes
 def test_recipes():
-    """The tiny recipe builds and runs through the engine's builders; the ImageNet recipes parse and their
-    method.params are all constructor arguments."""
-    import glob
-    import inspect
-    import os
-
-    from fastkd.config import load_config
-    from fastkd.engine.builders import build_method
-    from fastkd.engine.builders import build_student
-    from fastkd.engine.builders import build_teachers
-    from fastkd.methods.base import REGISTRY
-
-    M.available()
-    cls = REGISTRY["attndistill"]
-    accepted = set(inspect.signature(cls.__init__).parameters)
-    names = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(os.path.dirname(M.__file__), "..",
-                                                                                 "recipes", "attndistill_*.yaml")))
-    assert "attndistill_tiny" in names and len(names) >= 2
-    for name in names:
-        cfg = load_config(name)
-        assert cfg.method.name == "attndistill"
-        assert set(cfg.method.params) <= accepted, f"{name}: unknown params {set(cfg.method.params) - accepted}"
-    cfg = load_config("attndistill_tiny")
-    n = cfg.data.num_classes or None
-    student = build_student(cfg, n)
-    method = build_method(cfg, student, build_teachers(cfg, n, cfg.data))
-    size = cfg.data.img_size
-    batch = {"images": torch.randn(2, 3, size, size)}
-    if n:
-        batch["labels"] = torch.randint(0, n, (2,))
-    out = method(batch)
-    assert torch.isfinite(out["loss"])
+    check_method_recipes("attndistill")

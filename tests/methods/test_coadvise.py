@@ -11,6 +11,7 @@ import fastkd.methods as M
 from fastkd.methods.coadvise import CoAdviseViT
 from fastkd.models.involution import Involution
 from fastkd.models.involution import RedNet
+from tests.methods._recipes import recipe_check
 
 NUM_CLASSES = 5
 _INV_PARAMS = ("channels, kernel_size, stride, size", [(16, 3, 1, 6), (32, 7, 2, 8), (32, 3, 2, 10)])
@@ -224,36 +225,11 @@ def test_bad_configurations():
 # recipes
 
 
-def _recipe_check(official, tiny, batch):
-    """Every official recipe validates and its method params bind to the constructor; the tiny recipe builds its
-    models and method and computes a finite loss."""
-    import inspect
-
-    from fastkd.config import load_config
-    from fastkd.data import DataConfig
-
-    for name in official:
-        cfg = load_config(name)
-        DataConfig.from_any(cfg.data)
-        M.available()  # imports every method module
-        cls = M.base.REGISTRY[cfg.method.name]
-        inspect.signature(cls).bind(student=None, teachers=[], **cfg.method.params)
-    cfg = load_config(tiny)
-    DataConfig.from_any(cfg.data)
-    n = cfg.data.num_classes
-    student = timm.create_model(cfg.student.name, **{"num_classes": n, **cfg.student.kwargs})
-    teachers = [timm.create_model(t.name, **{"num_classes": n, **t.kwargs}) for t in cfg.teachers]
-    method = M.build(cfg.method.name, student=student, teachers=teachers, **cfg.method.params).train()
-    out = method(batch)
-    assert torch.isfinite(out["loss"])
-    return cfg, method
-
-
 def test_recipes():
     import fastkd.models.involution  # noqa: F401  (registers rednet* with timm)
 
     g = torch.Generator().manual_seed(0)
     batch = {"images": torch.randn(4, 3, 32, 32, generator=g), "labels": torch.randint(0, 10, (4,), generator=g)}
-    cfg, method = _recipe_check(["coadvise_s_in1k"], "coadvise_tiny", batch)
+    cfg, method = recipe_check(["coadvise_s_in1k"], "coadvise_tiny", batch)
     official = __import__("fastkd.config", fromlist=["load_config"]).load_config("coadvise_s_in1k")
     assert [t.name for t in official.teachers] == ["regnety_040", "rednet101"] and official.train.amp == "fp32"

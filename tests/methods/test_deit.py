@@ -7,6 +7,7 @@ import timm
 import torch
 
 import fastkd.methods as M
+from tests.methods._recipes import recipe_check
 
 NUM_CLASSES = 5
 _PARAMS = ("distillation_type, alpha, temperature, kd_reduction, soft_targets", [
@@ -137,35 +138,10 @@ def test_bad_configurations():
 # recipes
 
 
-def _recipe_check(official, tiny, batch):
-    """Every official recipe validates and its method params bind to the constructor; the tiny recipe builds its
-    models and method and computes a finite loss."""
-    import inspect
-
-    from fastkd.config import load_config
-    from fastkd.data import DataConfig
-
-    for name in official:
-        cfg = load_config(name)
-        DataConfig.from_any(cfg.data)
-        M.available()  # imports every method module
-        cls = M.base.REGISTRY[cfg.method.name]
-        inspect.signature(cls).bind(student=None, teachers=[], **cfg.method.params)
-    cfg = load_config(tiny)
-    DataConfig.from_any(cfg.data)
-    n = cfg.data.num_classes
-    student = timm.create_model(cfg.student.name, **{"num_classes": n, **cfg.student.kwargs})
-    teachers = [timm.create_model(t.name, **{"num_classes": n, **t.kwargs}) for t in cfg.teachers]
-    method = M.build(cfg.method.name, student=student, teachers=teachers, **cfg.method.params).train()
-    out = method(batch)
-    assert torch.isfinite(out["loss"])
-    return cfg, method
-
-
 def test_recipes():
     g = torch.Generator().manual_seed(0)
     batch = {"images": torch.randn(4, 3, 32, 32, generator=g), "labels": torch.randint(0, 10, (4,), generator=g)}
-    cfg, method = _recipe_check(["deit_s_in1k"], "deit_tiny", batch)
+    cfg, method = recipe_check(["deit_s_in1k"], "deit_tiny", batch)
     official = __import__("fastkd.config", fromlist=["load_config"]).load_config("deit_s_in1k")
     assert official.student.name == "deit_small_distilled_patch16_224" and official.teachers[0].name == "regnety_160"
     assert official.method.params["distillation_type"] == "hard"

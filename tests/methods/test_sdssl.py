@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 import fastkd.methods as M
 from fastkd.methods.sdssl import sincos_2d_pos_embed
+from tests.methods._recipes import recipe_check
 
 DEPTH = 3
 HEADS = dict(out_dim=16, proj_hidden=24, proj_hidden_last=32, pred_hidden=20)
@@ -330,35 +331,10 @@ def test_single_rank_process_group_matches(tmp_path):
 # recipes
 
 
-def _recipe_check(official, tiny, batch):
-    """Every official recipe validates and its method params bind to the constructor; the tiny recipe builds its
-    models and method and computes a finite loss."""
-    import inspect
-
-    from fastkd.config import load_config
-    from fastkd.data import DataConfig
-
-    for name in official:
-        cfg = load_config(name)
-        DataConfig.from_any(cfg.data)
-        M.available()  # imports every method module
-        cls = M.base.REGISTRY[cfg.method.name]
-        inspect.signature(cls).bind(student=None, teachers=[], **cfg.method.params)
-    cfg = load_config(tiny)
-    DataConfig.from_any(cfg.data)
-    n = cfg.data.num_classes
-    student = timm.create_model(cfg.student.name, **{"num_classes": n, **cfg.student.kwargs})
-    teachers = [timm.create_model(t.name, **{"num_classes": n, **t.kwargs}) for t in cfg.teachers]
-    method = M.build(cfg.method.name, student=student, teachers=teachers, **cfg.method.params).train()
-    out = method(batch)
-    assert torch.isfinite(out["loss"])
-    return cfg, method
-
-
 def test_recipes():
     g = torch.Generator().manual_seed(0)
     batch = {"images": [torch.randn(4, 3, 32, 32, generator=g), torch.randn(4, 3, 32, 32, generator=g)]}
-    cfg, method = _recipe_check(["sdssl_moco_vitb_in1k", "sdssl_byol_vitb_in1k", "sdssl_simclr_vitb_in1k"],
+    cfg, method = recipe_check(["sdssl_moco_vitb_in1k", "sdssl_byol_vitb_in1k", "sdssl_simclr_vitb_in1k"],
                                 "sdssl_tiny", batch)
     assert cfg.data.num_views == 2 and method.self_supervised
     load = __import__("fastkd.config", fromlist=["load_config"]).load_config

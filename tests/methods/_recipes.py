@@ -1,0 +1,69 @@
+"""Recipe checks shared by the method tests: every shipped recipe of a method parses, its ``method.params``
+bind to the constructor, and its tiny recipe builds and computes a finite loss."""
+
+from __future__ import annotations
+
+import timm
+import torch
+
+import fastkd.methods as M
+
+
+def recipe_check(official, tiny, batch):
+    """Every official recipe validates and its method params bind to the constructor; the tiny recipe builds its
+    models and method and computes a finite loss."""
+    import inspect
+
+    from fastkd.config import load_config
+    from fastkd.data import DataConfig
+
+    for name in official:
+        cfg = load_config(name)
+        DataConfig.from_any(cfg.data)
+        M.available()  # imports every method module
+        cls = M.base.REGISTRY[cfg.method.name]
+        inspect.signature(cls).bind(student=None, teachers=[], **cfg.method.params)
+    cfg = load_config(tiny)
+    DataConfig.from_any(cfg.data)
+    n = cfg.data.num_classes
+    student = timm.create_model(cfg.student.name, **{"num_classes": n, **cfg.student.kwargs})
+    teachers = [timm.create_model(t.name, **{"num_classes": n, **t.kwargs}) for t in cfg.teachers]
+    method = M.build(cfg.method.name, student=student, teachers=teachers, **cfg.method.params).train()
+    out = method(batch)
+    assert torch.isfinite(out["loss"])
+    return cfg, method
+
+
+def check_method_recipes(method_name: str) -> None:
+    """The tiny recipe builds and runs through the engine's builders; the ImageNet recipes parse and their
+    method.params are all constructor arguments."""
+    import glob
+    import inspect
+    import os
+
+    from fastkd.config import load_config
+    from fastkd.engine.builders import build_method
+    from fastkd.engine.builders import build_student
+    from fastkd.engine.builders import build_teachers
+    from fastkd.methods.base import REGISTRY
+
+    M.available()
+    cls = REGISTRY[method_name]
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    names = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(os.path.dirname(M.__file__), "..",
+                                                                                 "recipes", f"{method_name}_*.yaml")))
+    assert f"{method_name}_tiny" in names and len(names) >= 2
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.method.name == method_name
+        assert set(cfg.method.params) <= accepted, f"{name}: unknown params {set(cfg.method.params) - accepted}"
+    cfg = load_config(f"{method_name}_tiny")
+    n = cfg.data.num_classes or None
+    student = build_student(cfg, n)
+    method = build_method(cfg, student, build_teachers(cfg, n, cfg.data))
+    size = cfg.data.img_size
+    batch = {"images": torch.randn(2, 3, size, size)}
+    if n:
+        batch["labels"] = torch.randint(0, n, (2,))
+    out = method(batch)
+    assert torch.isfinite(out["loss"])
