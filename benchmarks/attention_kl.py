@@ -252,8 +252,11 @@ def main(argv: list[str] | None = None) -> int:
                 rows += new_rows
     print(f"wrote {out}")
     if not args.no_plot and rows:
-        plot(rows, out.with_suffix(".png"))
-        print(f"wrote {out.with_suffix('.png')}")
+        try:
+            plot(rows, out.with_suffix(".png"))
+            print(f"wrote {out.with_suffix('.png')}")
+        except ImportError:
+            print("matplotlib is not installed: no plot (the CSV has every number)", file=sys.stderr)
     return 0
 
 

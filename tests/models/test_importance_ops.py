@@ -158,3 +158,21 @@ def test_bad_inputs_name_the_argument():
         ops.head_importance(q, k, score="attribution")
     with pytest.raises(ValueError, match="float16, bfloat16"):
         ops.entropy_importance(q.long(), k.long())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("shape", [(8, 6, 197, 64, 64), (4, 12, 577, 64, 64), (2, 6, 785, 64, 64)])
+@pytest.mark.parametrize("with_lse", [False, True])
+def test_triton_on_gpu_matches_reference(monkeypatch, shape, dtype, tol, with_lse):
+    """The compiled kernels at ViT shapes, against the fp64 references computed on the same (rounded) inputs."""
+    monkeypatch.setenv("FASTKD_KERNELS", "triton")
+    d = shape[3]
+    scale = d**-0.5
+    q, k, v, do = (t.cuda() for t in _inputs(*shape, dtype=dtype))
+    lse = _lse(q, k, scale) if with_lse else None
+    a = ops.attribution_importance(q, k, v, do, scale=scale, lse=lse).cpu()
+    e = ops.entropy_importance(q, k, scale=scale, lse=lse).cpu()
+    q64, k64, v64, do64 = (t.double() for t in (q, k, v, do))
+    assert_close_rel(a, ref.attribution_importance_reference(q64, k64, v64, do64, scale), tol, "gpu attribution")
+    assert_close_rel(e, ref.entropy_importance_reference(q64, k64, scale), tol, "gpu entropy", atol=1e-4)
