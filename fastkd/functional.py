@@ -221,7 +221,7 @@ def attention_kl(
     lse_s = _normalize_lse("lse_s", lse_s, B, H_s, N, device)
     lse_t = _normalize_lse("lse_t", lse_t, B, H_t, N, device)
     a_s, a_t = _scale("scale_s", scale_s, d_s), _scale("scale_t", scale_t, d_t)
-    if check_finite if check_finite is not None else check_finite_enabled():
+    if check_finite_enabled() if check_finite is None else check_finite:
         for name, x in (("q_s", q_s), ("k_s", k_s), ("q_t", q_t), ("k_t", k_t)):
             if not bool(torch.isfinite(x).all()):
                 raise ValueError(f"{name} contains NaN or inf values")
