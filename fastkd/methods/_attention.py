@@ -15,20 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastkd.methods._kd import task_ce
+from fastkd.models.taps import unwrap_model
 
 
 def teacher_model(teacher: nn.Module) -> nn.Module:
     """The bare network inside a :class:`fastkd.models.Teacher` (or DDP / ``torch.compile``) wrapper."""
-    model = teacher
-    for _ in range(8):
-        for attr in ("model", "module", "_orig_mod"):
-            inner = getattr(model, attr, None)
-            if isinstance(inner, nn.Module):
-                model = inner
-                break
-        else:
-            return model
-    return model
+    return unwrap_model(teacher)
 
 
 def teacher_input(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from fastkd.models.taps import AttentionRecord
 from fastkd.models.taps import AttentionTaps
 from fastkd.models.taps import attention_modules
 from fastkd.models.taps import resolve_blocks
+from fastkd.models.taps import unwrap_model
 from fastkd.models.teacher import Teacher
 
 __all__ = [
@@ -41,4 +42,5 @@ __all__ = [
     "load_weights",
     "read_state_dict",
     "resolve_blocks",
+    "unwrap_model",
 ]

@@ -62,8 +62,8 @@ class AttentionRecord:
         return int(t.shape[1])
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The timm model inside a Teacher / DDP / DeepSpeed / torch.compile wrapper."""
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The timm model inside a Teacher / DDP / DeepSpeed / torch.compile wrapper (stops at a module with ``blocks``)."""
     seen = 0
     while seen < 8:
         seen += 1
@@ -87,7 +87,7 @@ def _timm_attention_cls():
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The attention module of every transformer block of a timm ViT (``model.blocks[i].attn``)."""
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     blocks = getattr(inner, "blocks", None)
     if blocks is None:
         raise ValueError(
