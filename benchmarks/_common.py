@@ -47,11 +47,13 @@ def peaks_for(device: torch.device) -> dict[str, float] | None:
 
 
 def git_commit() -> str:
+    """Short commit of the checkout the benchmarks live in ("unknown" outside git)."""
     try:
         root = Path(__file__).resolve().parents[1]
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10)
         return out.stdout.strip() or "unknown"
-    except OSError:
+    except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
@@ -103,10 +105,6 @@ def write_csv(path: Path, rows: list[dict], append: bool = False) -> Path:
             writer.writeheader()
         writer.writerows(rows)
     return path
-
-
-def cpu_threads() -> int:
-    return int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
 
 
 class PeakRSS:

@@ -34,6 +34,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 # CPU: one map below the streaming chunk (2^22 elements, one chunk = the whole map) and two above it
 CPU_SHAPES = ["4x6x197x64", "8x6x577x64", "4x6x785x64"]
@@ -76,22 +79,6 @@ def _device_slug(device: torch.device) -> tuple[str, str]:
             pass
     slug = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     return name, slug
-
-
-def _commit() -> str:
-    try:
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-                cwd=Path(__file__).resolve().parent,
-            ).stdout.strip()
-            or "unknown"
-        )
-    except Exception:
-        return "unknown"
 
 
 def _triton_version() -> str:
@@ -252,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": name,
         "torch": torch.__version__,
         "triton": _triton_version(),
-        "commit": _commit(),
+        "commit": C.git_commit(),
         "threads": threads if device.type == "cpu" else "",
     }
     rows = []

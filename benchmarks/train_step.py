@@ -46,7 +46,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,6 +55,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -233,7 +235,7 @@ def _stamp(device: torch.device) -> dict[str, str]:
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
             "torch": torch.__version__,
             "triton": _version("triton"),
-            "commit": _commit(),
+            "commit": C.git_commit(),
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
     finally:
@@ -248,22 +250,6 @@ def _version(name: str) -> str:
         return __import__(name).__version__
     except Exception:
         return "not installed"
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE.parent, capture_output=True, text=True)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
-def device_slug(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "cpu"
-    import re
-
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 
 @contextlib.contextmanager
@@ -473,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else RESULTS
     stamp = _stamp(device)
     mode = "tiny" if tiny else "full"
-    csv_path = out / f"train_step_{device_slug(device)}{'_tiny' if tiny else ''}.csv"
+    csv_path = out / f"train_step_{C.device_slug(device)}{'_tiny' if tiny else ''}.csv"
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fastkd_train_step_") as tmp:
         work = Path(args.workdir) if args.workdir else Path(tmp)

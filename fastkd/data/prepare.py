@@ -129,11 +129,10 @@ def make_jpeg_folder(
     return out
 
 
-def write_filelists(root: str) -> list[str]:
-    """``<root>/{train,val}.txt`` listing the ImageFolder splits as ``<relative path> <label>``."""
+def _splits(root: str):
+    """(split, source) for the ImageFolder splits present under ``root``; val uses train's class index."""
     from fastkd.data.sources import open_folder
 
-    written = []
     classes = None
     for split in ("train", "val"):
         folder = os.path.join(root, split)
@@ -141,6 +140,13 @@ def write_filelists(root: str) -> list[str]:
             continue
         src = open_folder(folder, classes)
         classes = classes or src.classes
+        yield split, src
+
+
+def write_filelists(root: str) -> list[str]:
+    """``<root>/{train,val}.txt`` listing the ImageFolder splits as ``<relative path> <label>``."""
+    written = []
+    for split, src in _splits(root):
         path = os.path.join(root, f"{split}.txt")
         with open(path, "w") as f:
             for name, label in zip(src.names, src.labels):
@@ -152,17 +158,9 @@ def write_filelists(root: str) -> list[str]:
 def write_webdataset(root: str, out: str | None = None, shard_size: int = 1000) -> list[str]:
     """The ImageFolder splits under ``root`` as webdataset shards ``<out>/<split>/shard-NNNNNN.tar``
     (default ``out = <root>/wds``); each sample is ``<key>.jpg`` + ``<key>.cls``."""
-    from fastkd.data.sources import open_folder
-
     out = out or os.path.join(root, "wds")
     written = []
-    classes = None
-    for split in ("train", "val"):
-        folder = os.path.join(root, split)
-        if not os.path.isdir(folder):
-            continue
-        src = open_folder(folder, classes)
-        classes = classes or src.classes
+    for split, src in _splits(root):
         os.makedirs(os.path.join(out, split), exist_ok=True)
         for s, start in enumerate(range(0, len(src), shard_size)):
             path = os.path.join(out, split, f"shard-{s:06d}.tar")

@@ -12,7 +12,8 @@ import fastkd.methods as M
 from fastkd.models import Teacher
 from fastkd.models.teacher import IMAGENET_MEAN
 from fastkd.models.teacher import IMAGENET_STD
-from tests.methods._recipes import check_method_recipes
+from tests.methods._common import check_method_recipes
+from tests.methods._common import train_losses
 
 
 def vit(embed_dim=32, heads=2, depth=2, patch=8, seed=0, class_token=True, distilled=False, sharp=4.0):
@@ -187,15 +188,8 @@ def test_training_reduces_loss():
     student, teacher = vit(seed=0), vit(seed=1, embed_dim=48, heads=4, patch=4)  # aggregation + interpolation
     method = M.build("attndistill", student=student, teachers=[wrap(teacher)], w_attn=1.0)
     assert method.aggregation and method.interpolate
-    opt = torch.optim.AdamW(method.parameters(), lr=2e-3)
     x = images(b=4)
-    losses = []
-    for _ in range(4):
-        opt.zero_grad()
-        out = method({"images": x})
-        out["loss"].backward()
-        opt.step()
-        losses.append(float(out["loss"]))
+    losses = train_losses(method, {"images": x}, steps=4, lr=2e-3)
     assert losses[-1] < losses[0]
     assert torch.isfinite(method.features(x)).all() and method.features(x).shape == (4, 48)
 

@@ -11,7 +11,8 @@ import fastkd.methods as M
 from fastkd.methods.coadvise import CoAdviseViT
 from fastkd.models.involution import Involution
 from fastkd.models.involution import RedNet
-from tests.methods._recipes import recipe_check
+from tests.methods._common import recipe_check
+from tests.methods._common import train_losses
 
 NUM_CLASSES = 5
 _INV_PARAMS = ("channels, kernel_size, stride, size", [(16, 3, 1, 6), (32, 7, 2, 8), (32, 3, 2, 10)])
@@ -187,14 +188,7 @@ def test_steps_reduce_loss():
     method = M.build("coadvise", student=tiny_vit(), teachers=tiny_teachers(), stem_channels=32)
     method.train()
     batch = make_batch(soft=True)
-    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=2e-3)
-    losses = []
-    for _ in range(4):
-        loss = method(batch)["loss"]
-        losses.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    losses = train_losses(method, batch, steps=4, lr=2e-3)
     assert losses[-1] < losses[0]
 
 

@@ -7,7 +7,8 @@ import timm
 import torch
 
 import fastkd.methods as M
-from tests.methods._recipes import recipe_check
+from tests.methods._common import recipe_check
+from tests.methods._common import train_losses
 
 NUM_CLASSES = 5
 _PARAMS = ("distillation_type, alpha, temperature, kd_reduction, soft_targets", [
@@ -107,14 +108,7 @@ def test_steps_reduce_loss():
     method = M.build("deit", student=tiny_distilled_vit(), teachers=[tiny_cnn()])
     method.train()
     batch = make_batch()
-    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=2e-3)
-    losses = []
-    for _ in range(6):
-        loss = method(batch)["loss"]
-        losses.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    losses = train_losses(method, batch, steps=6, lr=2e-3)
     assert losses[-1] < losses[0]
 
 

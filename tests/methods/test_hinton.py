@@ -7,7 +7,8 @@ import timm
 import torch
 
 import fastkd.methods as M
-from tests.methods._recipes import recipe_check
+from tests.methods._common import recipe_check
+from tests.methods._common import train_losses
 
 NUM_CLASSES = 5
 _PARAMS = ("temperature, alpha, soft", [(4.0, 0.5, False), (1.0, 0.9, True), (2.5, 0.0, True), (4.0, 1.0, False)])
@@ -108,14 +109,7 @@ def test_steps_reduce_loss():
     method = M.build("hinton", student=tiny_vit(), teachers=[tiny_cnn()])
     method.train()
     batch = make_batch(soft=True)
-    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=2e-3)
-    losses = []
-    for _ in range(6):
-        loss = method(batch)["loss"]
-        losses.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    losses = train_losses(method, batch, steps=6, lr=2e-3)
     assert losses[-1] < losses[0]
 
 

@@ -16,7 +16,8 @@ from fastkd.methods.scalekd import frequency_mimic_loss
 from fastkd.models import Teacher
 from fastkd.models.teacher import IMAGENET_MEAN
 from fastkd.models.teacher import IMAGENET_STD
-from tests.methods._recipes import check_method_recipes
+from tests.methods._common import check_method_recipes
+from tests.methods._common import train_losses
 
 NUM_CLASSES = 5
 IMG = 64
@@ -211,15 +212,8 @@ def test_dc_removal_identity():
 def test_training_reduces_loss():
     student, teacher = vit_student(), swin_teacher()
     method = M.build("scalekd", student=student, teachers=[wrap(teacher)], cap_heads=(2, 4))
-    opt = torch.optim.AdamW(method.parameters(), lr=1e-3)
     batch = make_batch(b=4)
-    losses = []
-    for _ in range(3):
-        opt.zero_grad()
-        out = method(batch)
-        out["loss"].backward()
-        opt.step()
-        losses.append(float(out["loss"]))
+    losses = train_losses(method, batch, steps=3, lr=1e-3)
     assert losses[-1] < losses[0]
     assert all(k.startswith(("student.", "cap_")) for k in method.state_dict())  # the teacher stays out
     assert method.predict(batch["images"]).shape == (4, NUM_CLASSES)

@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 
 import fastkd.methods as M
 from fastkd.methods.sdssl import sincos_2d_pos_embed
-from tests.methods._recipes import recipe_check
+from tests.methods._common import recipe_check
+from tests.methods._common import train_losses
 
 DEPTH = 3
 HEADS = dict(out_dim=16, proj_hidden=24, proj_hidden_last=32, pred_hidden=20)
@@ -224,15 +225,7 @@ def test_schedules_and_ema():
 def test_steps_reduce_loss(variant):
     method = build(variant, lambda_max=0.5).train()
     x = views(b=8)
-    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=3e-3)
-    losses = []
-    for step in range(6):
-        loss = method({"images": x})["loss"]
-        losses.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        method.on_step_end(step + 1, 1000)
+    losses = train_losses(method, {"images": x}, steps=6, lr=3e-3, step_end=True)
     assert losses[-1] < losses[0]
 
 

@@ -13,7 +13,8 @@ import fastkd.methods as M
 from fastkd.models import Teacher
 from fastkd.models.teacher import IMAGENET_MEAN
 from fastkd.models.teacher import IMAGENET_STD
-from tests.methods._recipes import check_method_recipes
+from tests.methods._common import check_method_recipes
+from tests.methods._common import train_losses
 
 NUM_CLASSES = 5
 
@@ -228,15 +229,7 @@ def _michel_top_head(model, batch):
 def test_training_reduces_loss():
     student, teacher, ta = models()
     method = M.build("ssta", student=student, teachers=[wrap(teacher), wrap(ta)], teacher_head=0, ta_head=1)
-    opt = torch.optim.AdamW(method.parameters(), lr=3e-3)
-    batch = make_batch(b=4)
-    losses = []
-    for _ in range(4):
-        opt.zero_grad()
-        out = method(batch)
-        out["loss"].backward()
-        opt.step()
-        losses.append(float(out["loss"]))
+    losses = train_losses(method, make_batch(b=4), steps=4, lr=3e-3)
     assert losses[-1] < losses[0]
     assert not any(p.requires_grad for p in teacher.parameters())
     assert all(not k.startswith(("teacher", "ta")) for k in method.state_dict())  # teachers stay out

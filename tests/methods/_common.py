@@ -1,5 +1,6 @@
-"""Recipe checks shared by the method tests: every shipped recipe of a method parses, its ``method.params``
-bind to the constructor, and its tiny recipe builds and computes a finite loss."""
+"""Helpers shared by the method tests: a few optimizer steps on one batch, and the recipe checks (every shipped
+recipe of a method parses, its ``method.params`` bind to the constructor, its tiny recipe builds and computes a
+finite loss)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,22 @@ import timm
 import torch
 
 import fastkd.methods as M
+
+
+def train_losses(method, batch, steps: int, lr: float, *, step_end: bool = False) -> list[float]:
+    """Loss before each of ``steps`` AdamW steps on ``batch`` (trainable parameters only); ``step_end`` also
+    calls ``method.on_step_end(step, 1000)`` after each step (EMA targets, ramps)."""
+    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for step in range(steps):
+        loss = method(batch)["loss"]
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step_end:
+            method.on_step_end(step + 1, 1000)
+    return losses
 
 
 def recipe_check(official, tiny, batch):
