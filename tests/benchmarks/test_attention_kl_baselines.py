@@ -1,0 +1,122 @@
+"""The peers in benchmarks/attention_kl.py compute the loss they claim, against an fp64 oracle.
+
+The oracle materializes both softmax maps in fp64 from the same (already rounded) inputs and sums
+P_t * (log P_t - log P_s) explicitly: independent of the FlexAttention construction (LSEs and P_t-weighted
+key sums) and of F.kl_div (the eager peer). Tolerances come from the dtype's machine epsilon times the size of
+the terms that are rounded, never from what one machine printed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.utils import assert_close_rel
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "attention_kl.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_attention_kl", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def inputs(B, H, N, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(B, H, N, d, generator=g) * s).to(dtype) for s in (1.5, 1.0, 1.5, 1.0)]
+
+
+def oracle_rows(q_s, k_s, q_t, k_t):
+    """KL_i = sum_j P_t,ij (log P_t,ij - log P_s,ij) in fp64, and the magnitude of the terms that get rounded."""
+    q_s, k_s, q_t, k_t = (x.double() for x in (q_s, k_s, q_t, k_t))
+    s = q_s @ k_s.transpose(-1, -2) / q_s.shape[-1] ** 0.5
+    t = q_t @ k_t.transpose(-1, -2) / q_t.shape[-1] ** 0.5
+    lse_s, lse_t = torch.logsumexp(s, -1, keepdim=True), torch.logsumexp(t, -1, keepdim=True)
+    p_t = torch.exp(t - lse_t)
+    kl = (p_t * ((t - lse_t) - (s - lse_s))).sum(-1)
+    # sum_j P_t (|t| + |s|) + |LSE_t| + |LSE_s|: what the FlexAttention construction adds and subtracts
+    size = (p_t * (t.abs() + s.abs())).sum(-1) + lse_t.squeeze(-1).abs() + lse_s.squeeze(-1).abs()
+    return kl, size
+
+
+def eps(dtype):
+    return torch.finfo(dtype).eps
+
+
+SHAPES = [(2, 3, 197, 64), (1, 2, 17, 16), (1, 1, 1, 8)]  # ViT's N=197, an odd tail, a single token
+
+
+@pytest.mark.parametrize("B,H,N,d", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_flex_construction_forward_matches_oracle(bench, B, H, N, d, dtype):
+    """FlexAttention's eager forward (the CPU has no backward for it): every row's KL."""
+    q_s, k_s, q_t, k_t = inputs(B, H, N, d, dtype, seed=N)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()"
+        rows = bench.flex_kl_rows(q_s, k_s, q_t, k_t)
+    kl, size = oracle_rows(q_s, k_s, q_t, k_t)
+    assert rows.shape == (B, H, N) and rows.dtype == torch.float32
+    # the P_t-weighted key sums come back in the input dtype (one rounding of each term), the rest is fp32
+    bound = 4 * eps(dtype) * size + 4 * eps(torch.float32) * size
+    err = (rows.double() - kl).abs()
+    worst = int(err.argmax())
+    assert bool((err <= bound).all()), f"error {float(err.flatten()[worst]):.3e} > {float(bound.flatten()[worst]):.3e}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = bench.flex_loss(q_s, k_s, q_t, k_t)
+    assert abs(float(loss) - float(kl.sum() / B)) <= float(bound.sum() / B)
+
+
+@pytest.mark.parametrize("B,H,N,d", SHAPES[:2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_peer_matches_oracle(bench, B, H, N, d, dtype):
+    """The eager peer (bf16 maps in a bf16 run): value and gradients to the student's q and k."""
+    q_s, k_s, q_t, k_t = inputs(B, H, N, d, dtype, seed=N + 1)
+    q_s.requires_grad_(True)
+    k_s.requires_grad_(True)
+    loss = bench.eager_loss(q_s, k_s, q_t, k_t)
+    loss.backward()
+    q64, k64 = q_s.detach().double().requires_grad_(), k_s.detach().double().requires_grad_()
+    kl, size = oracle_rows(q64, k64, q_t, k_t)
+    ref = kl.sum() / B
+    ref.backward()
+    # every logit and log-probability is rounded to the dtype once or twice: error <= a few eps per term
+    assert abs(float(loss.detach()) - float(ref.detach())) <= 8 * eps(dtype) * float(size.sum() / B)
+    assert_close_rel(q_s.grad, q64.grad, tol=16 * eps(dtype), name="dq_s", atol=0.0)
+    assert_close_rel(k_s.grad, k64.grad, tol=16 * eps(dtype), name="dk_s", atol=0.0)
+
+
+def test_eager_peer_selects_heads(bench):
+    """With head pairs the eager peer computes the loss of the selected heads only."""
+    q_s, k_s, q_t, k_t = inputs(2, 3, 33, 16, torch.float32, seed=3)
+    heads_s, heads_t = [0, 2], [1, 1]
+    got = bench.eager_loss(q_s, k_s, q_t, k_t, heads_s=heads_s, heads_t=heads_t)
+    kl, size = oracle_rows(q_s[:, heads_s], k_s[:, heads_s], q_t[:, heads_t], k_t[:, heads_t])
+    assert abs(float(got) - float(kl.sum() / 2)) <= 8 * eps(torch.float32) * float(size.sum() / 2)
+
+
+def test_flex_not_applicable_on_cpu_is_a_row(bench, tmp_path):
+    """On the CPU the flex peer is recorded as not applicable, with the reason, not silently left out."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the flex peer runs")
+    out = tmp_path / "ak.csv"
+    assert bench.main(["--shapes", "1,1,9,8", "--providers", "flex", "--dtypes", "fp32", "--out", str(out)]) == 0
+    import csv
+
+    (row,) = list(csv.DictReader(open(out)))
+    assert row["status"] == "not_applicable" and "no backward" in row["note"] and row["p50"] == ""
+
+
+def test_compile_peer_is_fresh_per_configuration(bench, monkeypatch):
+    """Each configuration gets its own compiled function, built after a dynamo reset (no recompile limit)."""
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    a, b = bench.make_fn("compile"), bench.make_fn("compile")
+    assert a is not b and len(resets) == 2
