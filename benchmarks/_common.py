@@ -122,8 +122,10 @@ def check_output(path: Path, force: bool) -> None:
 
 
 def _version(module: str) -> str:
+    import importlib
+
     try:
-        return str(__import__(module).__version__)
+        return str(importlib.import_module(module).__version__)
     except Exception:  # noqa: BLE001 - a missing or broken optional package is a version string too
         return "not installed"
 

@@ -3,147 +3,117 @@
 Reads a generated ImageFolder of photo-sized JPEGs (crops of scikit-image's pictures resized to
 500x375, quality 90, about the size and content of ImageNet files) through ``fastkd.data.build_loader``
 exactly as training does: training graph (random-resized-crop, flip, normalise, NCHW) and validation
-graph (resize shorter side, centre crop, normalise). One epoch is timed after a short warm-up; CPU
-use is process + worker-process CPU seconds over wall seconds, and images per CPU-second is the
-number least disturbed by other processes sharing the machine (its 1-minute load is recorded too). Results go to
-``benchmarks/results/data_pipeline_<device>.csv`` (one row per backend/mode/workers, stamped with the
-device, library versions, commit and date) and a plot beside it.
+graph (resize shorter side, centre crop, normalise).
+
+Steady state, the same way for both back ends: one epoch's iterator is started, its first
+``--warmup-batches`` batches are taken untimed (worker processes / DALI threads started, pipelines and
+prefetch queues filled), then every remaining batch of that epoch is timed with benchmarks/_common.py's
+``time_fn`` (wall clock per batch), with the workers alive throughout: no start-up inside the window.
+images/s = timed images / timed seconds. CPU use is process + live worker-process CPU seconds over the same
+window; images per CPU-second is the number least disturbed by other processes sharing the machine (each
+row records the 1-minute load average). Rows (the long schema of benchmarks/_common.py: ``batch_time`` ms
+with p20/p80, ``timed_seconds``, ``images_per_s``, ``cpu_cores_used``, ``images_per_cpu_s``) go to
+``benchmarks/results/data_pipeline_<device>.csv``, with a plot beside it.
 
     python benchmarks/data_pipeline.py                       # CPU pipelines here
     python benchmarks/data_pipeline.py --device cuda         # DALI "mixed" decoding on a GPU machine
-    fastkd bench data --images 2048 --workers 1,2,4,8
+    fastkd bench data --images 4096 --workers 1,2,4,8
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import os
-import platform
-import re
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-FIELDS = [
-    "device",
-    "device_name",
-    "backend",
-    "mode",
-    "workers",
-    "images",
-    "batch_size",
-    "img_size",
-    "source_size",
-    "seconds",
-    "images_per_s",
-    "cpu_cores_used",
-    "cpu_util_pct",
-    "images_per_cpu_s",
-    "host_cores",
-    "load_avg_1m",
-    "dali",
-    "torch",
-    "torchvision",
-    "pillow",
-    "commit",
-    "date",
-]
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _versions() -> dict[str, str]:
-    import PIL
-    import torch
-    import torchvision
-
-    try:
-        import nvidia.dali as dali
-
-        dali_version = dali.__version__
-    except ImportError:
-        dali_version = "not installed"
-    return {
-        "dali": dali_version,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "pillow": PIL.__version__,
-    }
+VERSIONS = ("nvidia.dali", "torchvision", "PIL")
 
 
 def _cpu_seconds() -> float:
-    t = os.times()  # children_*: DataLoader workers, counted once they have been joined
-    return t.user + t.system + t.children_user + t.children_system
+    """CPU seconds of this process and its live children (DataLoader workers), from /proc."""
+    t = os.times()
+    total = t.user + t.system
+    tick = os.sysconf("SC_CLK_TCK")
+    children: set[str] = set()
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                children.update(f.read().split())
+        except OSError:
+            pass
+    for pid in children:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass  # exited in between
+    return total
 
 
-def measure(cfg: dict, mode: str, warmup_batches: int = 2) -> tuple[int, float, float]:
-    """(images, wall seconds, CPU seconds) of one timed epoch of ``mode`` after a short warm-up."""
+def measure(cfg: dict, mode: str, warmup_batches: int) -> dict:
+    """Per-batch timing of the steady state of one epoch of ``mode``, and the CPU seconds of that window."""
     import torch
 
     from fastkd.data import build_loader
 
     loader = build_loader(cfg, mode)
+    timed = len(loader) - warmup_batches
+    if timed < 4:
+        raise SystemExit(f"--images: {len(loader)} batches per epoch leave {timed} to time after "
+                         f"{warmup_batches} warm-up batches; generate more images (at least 4 timed batches)")
     it = iter(loader)
-    for _ in range(min(warmup_batches, len(loader) - 1)):
-        next(it)
-    del it
-    loader.set_epoch(1)
-    sync = torch.cuda.synchronize if loader.device.type == "cuda" else (lambda: None)
-    sync()
-    cpu0, t0 = _cpu_seconds(), time.perf_counter()
-    n = 0
-    for batch in loader:
-        n += batch["images"].shape[0]
-    sync()
-    wall = time.perf_counter() - t0
+    images = []
+
+    def next_batch():
+        images.append(next(it)["images"].shape[0])
+
+    device = loader.device
+    for _ in range(warmup_batches):
+        next_batch()
+    images.clear()
+    cpu0 = _cpu_seconds()
+    timing = C.time_fn(next_batch, device, warmup=0, reps=timed, wall=True)
     cpu = _cpu_seconds() - cpu0
-    del loader
-    return n, wall, cpu
+    for _ in it:  # finish the epoch (joins the workers) outside the window
+        pass
+    del it, loader
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"timing": timing, "images": sum(images), "cpu_s": cpu}
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(csv_path: Path, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in C.read_rows(csv_path) if r["status"] == "ok"]
+    value = {(r["provider"], r["mode"], r["cfg"]["workers"], r["metric"]): float(r["p50"]) for r in rows}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for (backend, mode), marker in zip(
-        sorted({(r["backend"], r["mode"]) for r in rows}), ["o-", "s--", "^-", "v--", "d-", "x--"]
-    ):
-        pts = sorted(
-            (int(r["workers"]), float(r["images_per_s"]), float(r["cpu_cores_used"]))
-            for r in rows
-            if r["backend"] == backend and r["mode"] == mode
-        )
-        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker, label=f"{backend} {mode}")
-        axes[1].plot([p[0] for p in pts], [p[1] / max(p[2], 1e-9) for p in pts], marker, label=f"{backend} {mode}")
+    for (backend, mode), marker in zip(sorted({(r["provider"], r["mode"]) for r in rows}),
+                                       ["o-", "s--", "^-", "v--", "d-", "x--"]):
+        workers = sorted({r["cfg"]["workers"] for r in rows if (r["provider"], r["mode"]) == (backend, mode)})
+        for ax, metric in zip(axes, ("images_per_s", "images_per_cpu_s")):
+            ax.plot(workers, [value[(backend, mode, w, metric)] for w in workers], marker, label=f"{backend} {mode}")
     r0 = rows[0]
-    axes[0].set(xlabel="workers / threads", ylabel="images / s", title=f"throughput ({r0['device_name'][:40]})")
+    axes[0].set(xlabel="workers / threads", ylabel="images / s", title=f"throughput ({r0['cpu_model'][:40]})")
     axes[1].set(xlabel="workers / threads", ylabel="images / CPU-second", title="CPU efficiency")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.set_xticks(sorted({int(r["workers"]) for r in rows}))
+        ax.set_xticks(sorted({r["cfg"]["workers"] for r in rows}))
         ax.legend(fontsize=8)
+    cfg, versions = r0["cfg"], C.json.loads(r0["versions"])
     fig.suptitle(
-        f"fastkd data pipeline: {r0['images']} JPEGs {r0['source_size']} q90 -> {r0['img_size']}px, "
-        f"batch {r0['batch_size']}, DALI {r0['dali']}, torchvision {r0['torchvision']}",
-        fontsize=9,
+        f"fastkd data pipeline: {cfg['images']} timed of {cfg['dataset_images']} JPEGs {cfg['source_size']} q90 -> "
+        f"{cfg['img_size']}px, batch {cfg['batch_size']}, DALI {versions['nvidia.dali']}, "
+        f"torchvision {versions['torchvision']}, commit {r0['commit']}",
+        fontsize=8,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -152,7 +122,7 @@ def plot(rows: list[dict], path: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastkd bench data", description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=512, help="JPEGs in the generated folder")
+    p.add_argument("--images", type=int, default=2048, help="JPEGs in the generated folder (one epoch)")
     p.add_argument("--width", type=int, default=500)
     p.add_argument("--height", type=int, default=375)
     p.add_argument("--quality", type=int, default=90)
@@ -162,8 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="train,val")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--warmup-batches", type=int, default=8, help="untimed batches at the start of the epoch")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto: where batches end up (DALI: which graph)")
-    p.add_argument("--out", default=RESULTS, help="folder for the CSV and the plot")
+    p.add_argument("--out", default=str(C.RESULTS), help="folder for the CSV and the plot")
+    C.add_force_dirty(p)
     return p
 
 
@@ -176,14 +148,11 @@ def main(argv: list[str] | None = None) -> int:
 
     workers = [int(w) for w in args.workers.split(",") if w]
     backends = [b for b in args.backends.split(",") if b]
-    if "dali" in backends and not dali_available():
-        print("DALI is not installed: measuring torchvision only", file=sys.stderr)
-        backends.remove("dali")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device_name = torch.cuda.get_device_name() if device.startswith("cuda") else _cpu_name()
-    tag = "cpu" if device == "cpu" else re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    csv_path = Path(args.out) / f"data_pipeline_{C.device_slug(device)}.csv"
+    C.check_output(csv_path, args.force_dirty)
+    env = C.stamp(device, VERSIONS)
 
     data = args.data or os.path.join(
         "/tmp", f"fastkd_bench_jpegs_{args.images}_{args.width}x{args.height}_q{args.quality}"
@@ -192,57 +161,39 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isdir(os.path.join(root, "train")):
         print(f"writing {args.images} JPEGs ({args.width}x{args.height}, q{args.quality}) to {root} ...")
         make_jpeg_folder(os.path.join(root, "train"), args.images, args.width, args.height, args.quality)
-    stamp = {
-        "device": tag,
-        "device_name": device_name,
-        "host_cores": os.cpu_count(),
-        "commit": C.git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        **_versions(),
-    }
     rows = []
     print(f"{'backend':8} {'mode':6} {'workers':>7} {'images/s':>10} {'CPU cores':>10}")
     for backend in backends:
         for mode in args.modes.split(","):
             for w in workers:
-                cfg = dict(
-                    root=root,
-                    val_path=os.path.join(root, "train"),
-                    backend=backend,
-                    device=device,
-                    batch_size=args.batch_size,
-                    img_size=args.img_size,
-                    num_workers=w,
-                    seed=0,
-                )
-                n, wall, cpu = measure(cfg, mode)
-                row = {
-                    **stamp,
-                    "backend": backend,
-                    "mode": mode,
-                    "workers": w,
-                    "images": n,
-                    "batch_size": args.batch_size,
-                    "img_size": args.img_size,
-                    "source_size": f"{args.width}x{args.height}",
-                    "seconds": round(wall, 3),
-                    "images_per_s": round(n / wall, 1),
-                    "cpu_cores_used": round(cpu / wall, 2),
-                    "cpu_util_pct": round(100.0 * cpu / wall / (os.cpu_count() or 1), 1),
-                    "images_per_cpu_s": round(n / max(cpu, 1e-9), 1),
-                    "load_avg_1m": round(os.getloadavg()[0], 2),  # other processes competing for the cores
-                }
-                rows.append(row)
-                print(f"{backend:8} {mode:6} {w:7d} {row['images_per_s']:10.1f} {row['cpu_cores_used']:10.2f}")
-    os.makedirs(args.out, exist_ok=True)
-    csv_path = os.path.join(args.out, f"data_pipeline_{tag}.csv")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    png_path = os.path.join(args.out, f"data_pipeline_{tag}.png")
+                config = {"workers": w, "batch_size": args.batch_size, "img_size": args.img_size,
+                          "source_size": f"{args.width}x{args.height}", "dataset_images": args.images,
+                          "warmup_batches": args.warmup_batches}
+                base = dict(benchmark="data_pipeline", op="loader", provider=backend, mode=mode)
+                if backend == "dali" and not dali_available():
+                    rows.append(C.row(env, **base, config=config, status="not_applicable",
+                                      note="DALI is not installed"))
+                    print(f"{backend:8} {mode:6} {w:7d} not applicable: DALI is not installed")
+                    continue
+                cfg = dict(root=root, val_path=os.path.join(root, "train"), backend=backend, device=device.type,
+                           batch_size=args.batch_size, img_size=args.img_size, num_workers=w, seed=0)
+                res = measure(cfg, mode, args.warmup_batches)
+                t, n = res["timing"], res["images"]
+                config["images"] = n
+                wall_s = t.total_ms / 1e3
+                rows += [
+                    C.row(env, **base, config=config, metric="batch_time", unit="ms", value=t),
+                    C.row(env, **base, config=config, metric="timed_seconds", unit="s", value=wall_s),
+                    C.row(env, **base, config=config, metric="images_per_s", unit="img/s", value=n / wall_s),
+                    C.row(env, **base, config=config, metric="cpu_cores_used", unit="cores", value=res["cpu_s"] / wall_s),
+                    C.row(env, **base, config=config, metric="images_per_cpu_s", unit="img/CPU-s",
+                          value=n / max(res["cpu_s"], 1e-9)),
+                ]
+                print(f"{backend:8} {mode:6} {w:7d} {n / wall_s:10.1f} {res['cpu_s'] / wall_s:10.2f}")
+    C.write_rows(csv_path, rows)
+    png_path = csv_path.with_suffix(".png")
     try:
-        plot(rows, png_path)
+        plot(csv_path, png_path)
     except ImportError:
         print("matplotlib missing: no plot", file=sys.stderr)
         png_path = None

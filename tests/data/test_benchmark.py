@@ -1,45 +1,58 @@
-"""The data-pipeline benchmark runs end to end at a toy size and writes its CSV and plot."""
+"""The data-pipeline benchmark times a warmed steady state of both back ends and writes its CSV and plot."""
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import os
+
+import pytest
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "data_pipeline.py")
 
 
-def test_benchmark_smoke(tmp_path):
+def _load():
     spec = importlib.util.spec_from_file_location("data_pipeline", BENCH)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_smoke(tmp_path):
+    pytest.importorskip("PIL")
+    mod = _load()
+    import _common as C  # benchmarks/ is on sys.path once the script is loaded
+
     out = tmp_path / "results"
-    argv = [
-        "--images",
-        "12",
-        "--width",
-        "80",
-        "--height",
-        "60",
-        "--workers",
-        "1",
-        "--img-size",
-        "32",
-        "--batch-size",
-        "4",
-        "--data",
-        str(tmp_path / "jpegs"),
-        "--out",
-        str(out),
-    ]
+    argv = ["--images", "24", "--width", "80", "--height", "60", "--workers", "1", "--img-size", "32",
+            "--batch-size", "4", "--warmup-batches", "2", "--data", str(tmp_path / "jpegs"), "--out", str(out)]
     assert mod.main(argv) == 0
-    rows = list(csv.DictReader(open(out / "data_pipeline_cpu.csv")))
-    assert {(r["backend"], r["mode"]) for r in rows} == {
-        ("dali", "train"),
-        ("dali", "val"),
-        ("torch", "train"),
-        ("torch", "val"),
-    }
-    assert all(int(r["images"]) == 12 and float(r["images_per_s"]) > 0 and r["device"] == "cpu" for r in rows)
-    assert rows[0]["dali"] and rows[0]["torch"] and rows[0]["date"]
+    rows = C.read_rows(out / "data_pipeline_cpu.csv")
+    from fastkd.data import dali_available
+
+    backends = ("dali", "torch") if dali_available() else ("torch",)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {(r["provider"], r["mode"]) for r in ok} == {(b, m) for b in backends for m in ("train", "val")}
+    for r in ok:
+        # 24 images = 6 batches of 4: 2 warm-up batches, the other 4 timed
+        assert r["cfg"]["images"] == 16 and r["cfg"]["dataset_images"] == 24 and r["device"] == "cpu"
+        assert r["cpu_model"] and r["torch"] and r["date"] and r["commit"] and r["load_avg_1m"] != ""
+    by = {(r["provider"], r["mode"], r["metric"]): r for r in ok}
+    for b, m, _ in by:
+        t = by[(b, m, "batch_time")]
+        assert int(t["reps"]) == 4 and 0 < float(t["p20"]) <= float(t["p50"]) <= float(t["p80"])
+        # images/s is the timed images over the timed window, the sum of the 4 batch times (>= 2 x their median)
+        secs, ips = float(by[(b, m, "timed_seconds")]["p50"]), float(by[(b, m, "images_per_s")]["p50"])
+        assert abs(ips - 16 / secs) <= 1e-3 * ips and secs * 1e3 >= 2 * float(t["p50"]) * 0.999
+        assert float(by[(b, m, "images_per_cpu_s")]["p50"]) > 0
     assert (out / "data_pipeline_cpu.png").stat().st_size > 10_000
+    assert {r["status"] for r in rows} <= {"ok", "not_applicable"}
+
+
+def test_too_few_batches_is_a_clear_error(tmp_path):
+    pytest.importorskip("PIL")
+    mod = _load()
+    argv = ["--images", "8", "--width", "80", "--height", "60", "--workers", "1", "--img-size", "32",
+            "--batch-size", "4", "--backends", "torch", "--modes", "val", "--data", str(tmp_path / "jpegs"),
+            "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="--images"):
+        mod.main(argv)

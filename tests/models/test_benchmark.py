@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 from pathlib import Path
 
@@ -13,13 +12,25 @@ def test_benchmark_writes_csv(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_head_importance", BENCH)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    import _common as C  # benchmarks/ is on sys.path once the script is loaded
+
     out = tmp_path / "hi.csv"
-    argv = ["--device", "cpu", "--shapes", "2x2x40x16", "--ops", "entropy", "--reps", "1", "--out", str(out)]
-    assert mod.main(argv) == 0
-    rows = list(csv.DictReader(out.open()))
-    assert [r["provider"] for r in rows] == ["torch", "reference"]
-    for r in rows:
-        assert r["device"] and r["torch"] and r["date"] and r["N"] == "40"
-        assert float(r["time_ms_p50"]) > 0 and float(r["max_rel_err_vs_reference"]) < 1e-5
+    argv = ["--device", "cpu", "--shapes", "2x2x40x16", "--ops", "entropy", "--reps", "2", "--out", str(out)]
+    assert mod.main(argv + ["--providers", "triton", "torch", "reference"]) == 0
+    rows = C.read_rows(out)
+    (na,) = [r for r in rows if r["provider"] == "triton"]
+    assert na["status"] == "not_applicable" and "CUDA" in na["note"]
+    ok = [r for r in rows if r["provider"] != "triton"]
+    assert {(r["provider"], r["metric"]) for r in ok} == {
+        (p, m) for p in ("torch", "reference") for m in ("time", "peak_extra_memory", "max_rel_err_vs_fp64")
+    }
+    for r in ok:
+        assert r["status"] == "ok" and r["op"] == "entropy" and r["cfg"]["N"] == 40
+        assert r["device"] == "cpu" and r["cpu_model"] and r["torch"] and r["date"] and r["commit"]
+        assert r["load_avg_1m"] != ""
+        if r["metric"] == "time":
+            assert int(r["reps"]) == 2 and 0 < float(r["p20"]) <= float(r["p50"]) <= float(r["p80"])
+        if r["metric"] == "max_rel_err_vs_fp64":  # fp32 streaming and fp32 materializing vs the fp64 oracle
+            assert float(r["p50"]) < 64 * 2.0**-23
     assert mod.main(argv + ["--providers", "torch"]) == 0  # appends
-    assert len(list(csv.DictReader(out.open()))) == 3
+    assert len(C.read_rows(out)) == len(rows) + 3
