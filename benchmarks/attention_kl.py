@@ -98,7 +98,8 @@ def eager_loss(q_s, k_s, q_t, k_t, heads_s=None, heads_t=None):
 
 def flex_kl_rows(q_s, k_s, q_t, k_t, flex=None):
     """KL(P_t || P_s) of every query row, ``[B, H, N]`` fp32, from two FlexAttention calls (``flex``: compiled)."""
-    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+    from torch.nn.attention.flex_attention import AuxRequest
+    from torch.nn.attention.flex_attention import flex_attention
 
     flex = flex or flex_attention
     d = q_s.shape[-1]

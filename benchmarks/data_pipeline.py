@@ -81,7 +81,6 @@ def measure(cfg: dict, mode: str, warmup_batches: int) -> dict:
     cpu = _cpu_seconds() - cpu0
     for _ in it:  # finish the epoch (joins the workers) outside the window
         pass
-    del it, loader
     if device.type == "cuda":
         torch.cuda.synchronize()
     return {"timing": timing, "images": sum(images), "cpu_s": cpu}
@@ -185,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                     C.row(env, **base, config=config, metric="batch_time", unit="ms", value=t),
                     C.row(env, **base, config=config, metric="timed_seconds", unit="s", value=wall_s),
                     C.row(env, **base, config=config, metric="images_per_s", unit="img/s", value=n / wall_s),
-                    C.row(env, **base, config=config, metric="cpu_cores_used", unit="cores", value=res["cpu_s"] / wall_s),
+                    C.row(env, **base, config=config, metric="cpu_cores_used", unit="cores",
+                          value=res["cpu_s"] / wall_s),
                     C.row(env, **base, config=config, metric="images_per_cpu_s", unit="img/CPU-s",
                           value=n / max(res["cpu_s"], 1e-9)),
                 ]

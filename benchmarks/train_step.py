@@ -16,8 +16,10 @@ AdamW step, LR schedule), for these variants:
 
 Variants whose method is not registered in this build are reported as ``skipped`` rows, never errors. Each
 configuration is timed with synthetic batches already on the device (``data=none``), then with the fastkd
-loader reading a generated JPEG folder (``data=loader``), at each batch size and resolution. Rows append to
-``benchmarks/results/train_step_<device>.csv`` (device, versions, commit, date on every row); a plot of
+loader reading a generated JPEG folder (``data=loader``), at each batch size and resolution. Rows (the long schema of
+benchmarks/_common.py: ``step_time`` ms with p20/p80, ``images_per_s``, ``data_wait_frac`` and
+``peak_extra_memory`` MiB above what was allocated before the timed steps) append to
+``benchmarks/results/train_step_<device>.csv`` (device, CPU model, versions, commit, date on every row); a plot of
 images/s is drawn from that CSV.
 
 ``--tiny`` is a CPU smoke mode (tiny ViTs, 32 px, 2 steps) that a test runs in seconds.
@@ -40,15 +42,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import datetime as _dt
 import math
 import os
-import platform
-import statistics
 import sys
 import tempfile
-import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -73,9 +70,6 @@ TINY = {
     "kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2, "mlp_ratio": 2.0},
     "t_kwargs": {"patch_size": 8, "embed_dim": 48, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0},
 }
-FIELDS = ["device", "torch", "triton", "timm", "commit", "date", "mode", "variant", "method", "layers", "kernels",
-          "student", "teacher", "batch", "img_size", "tokens", "data", "amp", "steps", "status", "step_ms",
-          "step_ms_p20", "step_ms_p80", "img_per_s", "data_wait_frac", "peak_mem_gb", "note"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -224,34 +218,6 @@ def jpeg_folder(root: Path, num_images: int) -> Path:
 # measurement
 
 
-def _stamp(device: torch.device) -> dict[str, str]:
-    sys.path.insert(0, str(HERE))
-    try:
-        from _common import stamp  # benchmarks/_common.py (shared by the benchmark scripts)
-
-        s = stamp(device)
-    except Exception:
-        s = {
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
-            "torch": torch.__version__,
-            "triton": _version("triton"),
-            "commit": C.git_commit(),
-            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        }
-    finally:
-        if sys.path and sys.path[0] == str(HERE):
-            sys.path.pop(0)
-    s["timm"] = _version("timm")
-    return s
-
-
-def _version(name: str) -> str:
-    try:
-        return __import__(name).__version__
-    except Exception:
-        return "not installed"
-
-
 @contextlib.contextmanager
 def _kernels_env(value: str | None):
     old = os.environ.get("FASTKD_KERNELS")
@@ -282,13 +248,8 @@ def measure(variant: str, *, models: dict, batch: int, img_size: int, data: str,
     make_teacher = lambda: Teacher(build_model(models["teacher"], num_classes=num_classes, **tkw))  # noqa: E731
     teacher = make_teacher()
     method = build_method(variant, student, teacher, make_teacher)
-    row: dict[str, Any] = {"variant": variant, "method": variant.split("_")[0], "batch": batch, "img_size": img_size,
-                           "data": data, "amp": amp, "steps": steps,
-                           "kernels": "reference" if variant.endswith("_eager") else "default",
-                           "layers": variant[4:].split("_")[0] if variant.startswith("attn") else "",
-                           "tokens": (img_size // student.patch_embed.patch_size[0]) ** 2 + 1}
     if isinstance(method, str):
-        return {**row, "status": "skipped", "note": method}
+        return {"status": "skipped", "note": method}
     cfg = from_dict({
         "run": {"name": f"{variant}_{batch}_{img_size}_{data}", "output_dir": str(workdir), "device": device.type},
         "method": {"name": "supervised"},
@@ -313,30 +274,17 @@ def measure(variant: str, *, models: dict, batch: int, img_size: int, data: str,
             it = iter(_cycle(loader))
             for _ in range(warmup):
                 trainer.train_step(it)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-            times, waits = [], []
-            for _ in range(steps):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                r = trainer.train_step(it)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times.append(time.perf_counter() - t0)
-                waits.append(r["data_wait"])
+            waits = []
+
+            def step():
+                waits.append(trainer.train_step(it)["data_wait"])
+
+            with C.PeakMemory(device) as mem:
+                timing = C.time_fn(step, device, warmup=0, reps=steps, wall=True)
         finally:
             trainer.close()
-    from fastkd.engine.logging import peak_memory_mb
-
-    times_ms = sorted(t * 1e3 for t in times)
-    med = statistics.median(times_ms)
-    q = statistics.quantiles(times_ms, n=5) if len(times_ms) >= 2 else [med] * 4
-    return {**row, "status": "ok", "step_ms": round(med, 3), "step_ms_p20": round(q[0], 3),
-            "step_ms_p80": round(q[3], 3), "img_per_s": round(batch / (med / 1e3), 1),
-            "data_wait_frac": round(sum(waits) / max(sum(times), 1e-9), 4),
-            "peak_mem_gb": round(peak_memory_mb(device) / 1024, 3)}
+    return {"status": "ok", "timing": timing, "img_per_s": batch / (timing.p50 / 1e3),
+            "data_wait_frac": sum(waits) / max(timing.total_ms / 1e3, 1e-9), "peak_mib": mem.extra_mib}
 
 
 def _cycle(loader):
@@ -355,17 +303,6 @@ def _cycle(loader):
 # output
 
 
-def append_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.is_file()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in FIELDS})
-
-
 def plot(csv_path: Path, out: Path) -> Path | None:
     """Images/s per variant, one panel per (batch, img_size, data), from the newest rows of the CSV."""
     try:
@@ -375,23 +312,22 @@ def plot(csv_path: Path, out: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    with open(csv_path) as f:
-        rows = [r for r in csv.DictReader(f) if r["status"] == "ok"]
+    rows = [r for r in C.read_rows(csv_path) if r["status"] == "ok" and r["metric"] == "images_per_s"]
     if not rows:
         return None
     latest: dict[tuple, dict] = {}
     for r in rows:  # the newest measurement of each configuration wins
-        latest[(r["mode"], r["variant"], r["batch"], r["img_size"], r["data"])] = r
-    panels = sorted({(r["mode"], r["batch"], r["img_size"], r["data"]) for r in latest.values()},
-                    key=lambda p: (p[0], int(p[1]), int(p[2]), p[3]))
+        c = r["cfg"]
+        latest[(r["mode"], r["provider"], c["batch"], c["img_size"], c["data"])] = r
+    panels = sorted({(k[0], k[2], k[3], k[4]) for k in latest})
     cols = min(len(panels), 4)
     nrows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
     for ax, (mode, b, s, d) in zip(axes.flat, panels):
-        sel = [r for r in latest.values() if (r["mode"], r["batch"], r["img_size"], r["data"]) == (mode, b, s, d)]
-        sel.sort(key=lambda r: VARIANTS.index(r["variant"]) if r["variant"] in VARIANTS else 99)
-        names = [r["variant"] for r in sel]
-        vals = [float(r["img_per_s"]) for r in sel]
+        sel = [r for k, r in latest.items() if (k[0], k[2], k[3], k[4]) == (mode, b, s, d)]
+        sel.sort(key=lambda r: VARIANTS.index(r["provider"]) if r["provider"] in VARIANTS else 99)
+        names = [r["provider"] for r in sel]
+        vals = [float(r["p50"]) for r in sel]
         colors = ["#888" if n == "none" else ("#c44" if n.endswith("_eager") else "#36a") for n in names]
         ax.barh(names, vals, color=colors)
         ax.invert_yaxis()
@@ -400,20 +336,13 @@ def plot(csv_path: Path, out: Path) -> Path | None:
         ax.tick_params(labelsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    dev = rows[-1]["device"]
-    fig.suptitle(f"fastkd training step, {dev} ({rows[-1]['date'][:10]})", fontsize=10)
+    r = rows[-1]
+    fig.suptitle(f"fastkd training step, {r['device']} / {r['cpu_model']}, commit {r['commit']} ({r['date'][:10]})",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
-
-
-def _table(rows: list[dict[str, Any]]) -> str:
-    cols = ["variant", "batch", "img_size", "data", "status", "step_ms", "img_per_s", "data_wait_frac", "peak_mem_gb"]
-    w = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
-    lines = [" ".join(c.ljust(w[c]) for c in cols)]
-    lines += [" ".join(str(r.get(c, "")).ljust(w[c]) for c in cols) for r in rows]
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -437,6 +366,7 @@ def parse_args(argv):
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--workdir", default=None, help="scratch folder for the JPEGs and run folders (default: a temp dir)")
     p.add_argument("--no-plot", action="store_true")
+    C.add_force_dirty(p)
     return p.parse_args(argv)
 
 
@@ -457,10 +387,13 @@ def main(argv: list[str] | None = None) -> int:
     datas = ["none", "loader"] if args.data == "both" else [args.data]
     num_classes = 10 if tiny else args.num_classes
     out = Path(args.out) if args.out else RESULTS
-    stamp = _stamp(device)
     mode = "tiny" if tiny else "full"
     csv_path = out / f"train_step_{C.device_slug(device)}{'_tiny' if tiny else ''}.csv"
+    C.check_output(csv_path, args.force_dirty)
+    env = C.stamp(device, ("timm",))
+    patch = models["kwargs"].get("patch_size", 16)
     rows: list[dict[str, Any]] = []
+    failed = False
     with tempfile.TemporaryDirectory(prefix="fastkd_train_step_") as tmp:
         work = Path(args.workdir) if args.workdir else Path(tmp)
         data_root = None
@@ -472,34 +405,48 @@ def main(argv: list[str] | None = None) -> int:
                 for batch in batches:
                     for variant in variants:
                         try:
-                            row = measure(variant, models=models, batch=batch, img_size=size, data=data,
+                            res = measure(variant, models=models, batch=batch, img_size=size, data=data,
                                           device=device, steps=steps, warmup=warmup, amp=args.amp,
                                           workdir=work / "runs", data_root=data_root, num_classes=num_classes)
                         except torch.cuda.OutOfMemoryError:
-                            row = {"variant": variant, "batch": batch, "img_size": size, "data": data,
-                                   "status": "oom", "note": "CUDA out of memory"}
+                            res = {"status": "oom", "note": "CUDA out of memory"}
                         except Exception as exc:  # a broken variant must not hide the others
                             traceback.print_exc()
-                            row = {"variant": variant, "batch": batch, "img_size": size, "data": data,
-                                   "status": "error", "note": f"{type(exc).__name__}: {exc}"[:300]}
+                            res = {"status": "error", "note": f"{type(exc).__name__}: {exc}"[:300]}
                         finally:
                             if device.type == "cuda":
                                 torch.cuda.empty_cache()
-                        row.update(stamp, mode=mode, student=models["student"], teacher=models["teacher"],
-                                   amp=row.get("amp", args.amp))
-                        rows.append(row)
-                        print(f"{variant:>14} b={batch} {size}px data={data}: {row['status']} "
-                              f"{row.get('img_per_s', '')} img/s {row.get('step_ms', '')} ms "
-                              f"{row.get('peak_mem_gb', '')} GB {row.get('note', '')}", flush=True)
-    append_csv(csv_path, rows)
-    print(f"\n{stamp['device']}  torch {stamp['torch']}  triton {stamp['triton']}  commit {stamp['commit']}")
-    print(_table(rows))
+                        config = {"method": variant.split("_")[0], "student": models["student"],
+                                  "teacher": models["teacher"], "batch": batch, "img_size": size, "data": data,
+                                  "amp": args.amp, "steps": steps, "tokens": (size // patch) ** 2 + 1,
+                                  "kernels": "reference" if variant.endswith("_eager") else "default",
+                                  "layers": int(variant[4:].split("_")[0]) if variant.startswith("attn") else 0}
+                        base = dict(benchmark="train_step", op="train_step", provider=variant, mode=mode,
+                                    config=config)
+                        if res["status"] != "ok":
+                            failed |= res["status"] == "error"
+                            rows.append(C.row(env, **base, status=res["status"], note=res["note"]))
+                            print(f"{variant:>14} b={batch} {size}px data={data}: {res['status']} {res['note']}")
+                            continue
+                        t = res["timing"]
+                        rows += [
+                            C.row(env, **base, metric="step_time", unit="ms", value=t),
+                            C.row(env, **base, metric="images_per_s", unit="img/s", value=res["img_per_s"]),
+                            C.row(env, **base, metric="data_wait_frac", unit="1", value=res["data_wait_frac"]),
+                            C.row(env, **base, metric="peak_extra_memory", unit="MiB", value=res["peak_mib"]),
+                        ]
+                        print(f"{variant:>14} b={batch} {size}px data={data}: ok {res['img_per_s']:.1f} img/s "
+                              f"{t.p50:.1f} ms, peak +{res['peak_mib']:.0f} MiB, data wait "
+                              f"{res['data_wait_frac']:.1%}", flush=True)
+    C.write_rows(csv_path, rows, append=True)
+    print(f"\n{env['device']} / {env['cpu_model']}  torch {env['torch']}  triton {env['triton']}  "
+          f"commit {env['commit']}")
     print(f"rows appended to {csv_path}")
     if not args.no_plot:
         png = plot(csv_path, csv_path.with_suffix(".png"))
         if png:
             print(f"plot: {png}")
-    return 0 if all(r["status"] in ("ok", "skipped", "oom") for r in rows) else 1
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

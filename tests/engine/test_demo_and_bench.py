@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
 
 import pytest
@@ -38,28 +37,38 @@ def _bench():
 
 def test_train_step_benchmark_tiny(tmp_path):
     bench = _bench()
+    import _common as C  # benchmarks/ is on sys.path once the script is loaded
+
     rc = bench.main(["--tiny", "--variants", "none", "hinton", "attn1", "attn1_eager", "attn12", "--data", "none",
                      "--steps", "2", "--warmup", "1", "--out", str(tmp_path)])
     assert rc == 0
     (path,) = tmp_path.glob("train_step_*.csv")
-    rows = list(csv.DictReader(open(path)))
-    by = {r["variant"]: r for r in rows}
-    assert set(by) == {"none", "hinton", "attn1", "attn1_eager", "attn12"}
-    for name in ("none", "attn1", "attn1_eager"):
-        assert by[name]["status"] == "ok", by[name]
-        assert float(by[name]["img_per_s"]) > 0 and float(by[name]["step_ms"]) > 0
-        assert by[name]["device"] and by[name]["torch"] and by[name]["date"] and by[name]["commit"]
-    assert by["attn1_eager"]["kernels"] == "reference" and by["attn1"]["kernels"] == "default"
-    assert by["attn12"]["status"] == "skipped" and "blocks" in by["attn12"]["note"]  # tiny student has 4 blocks
-    assert by["hinton"]["status"] in ("ok", "skipped")
+    rows = C.read_rows(path)
+    assert {r["provider"] for r in rows} == {"none", "hinton", "attn1", "attn1_eager", "attn12"}
+    by = {(r["provider"], r["metric"]): r for r in rows}
+    for name in ("none", "hinton", "attn1", "attn1_eager"):  # hinton is a registered method: it must run
+        step = by[(name, "step_time")]
+        assert step["status"] == "ok" and int(step["reps"]) == 2, step
+        assert 0 < float(step["p20"]) <= float(step["p50"]) <= float(step["p80"])
+        # images/s is the batch over the median step time
+        assert float(by[(name, "images_per_s")]["p50"]) == pytest.approx(4 / (float(step["p50"]) / 1e3), rel=1e-3)
+        assert 0.0 <= float(by[(name, "data_wait_frac")]["p50"]) <= 1.0
+        assert step["device"] and step["cpu_model"] and step["torch"] and step["date"] and step["commit"]
+    assert by[("attn1_eager", "step_time")]["cfg"]["kernels"] == "reference"
+    assert by[("attn1", "step_time")]["cfg"]["kernels"] == "default"
+    skipped = by[("attn12", "")]
+    assert skipped["status"] == "skipped" and "blocks" in skipped["note"]  # the tiny student has 4 blocks
     assert path.with_suffix(".png").is_file()
 
 
 def test_train_step_benchmark_with_loader(tmp_path):
     pytest.importorskip("PIL")
     bench = _bench()
+    import _common as C
+
     rc = bench.main(["--tiny", "--variants", "none", "--data", "loader", "--steps", "2", "--warmup", "1",
                      "--out", str(tmp_path), "--workdir", str(tmp_path / "work"), "--no-plot"])
     assert rc == 0
-    (row,) = list(csv.DictReader(open(next(tmp_path.glob("train_step_*.csv")))))
-    assert row["status"] == "ok" and row["data"] == "loader" and 0.0 <= float(row["data_wait_frac"]) <= 1.0
+    rows = {r["metric"]: r for r in C.read_rows(next(tmp_path.glob("train_step_*.csv")))}
+    assert rows["step_time"]["status"] == "ok" and rows["step_time"]["cfg"]["data"] == "loader"
+    assert 0.0 <= float(rows["data_wait_frac"]["p50"]) <= 1.0

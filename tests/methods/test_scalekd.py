@@ -241,7 +241,8 @@ def test_options_and_bad_configs():
         M.build("scalekd", student=vit_student(), teachers=[wrap(timm.create_model(
             "vit_tiny_patch16_224", img_size=IMG, depth=4, embed_dim=48, num_heads=2, num_classes=7))],
             cap_heads=(2, 2))(make_batch())
-    assert bad is not None
+    torch.testing.assert_close((o := bad(make_batch()))["loss"], 0.5 * o["ce"] + 0.5 * o["kd"] + 0.08 * (  # ViT teacher
+        o["s3_spat"] + o["s4_spat"]) + 0.06 * (o["s3_freq"] + o["s4_freq"]))
 
 
 # ------------------------------------------------------------------------------------------------ recipes
