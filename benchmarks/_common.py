@@ -164,22 +164,32 @@ def row(env: dict[str, Any], *, benchmark: str, op: str, provider: str, mode: st
     return r
 
 
-def write_rows(path: Path, rows: list[dict[str, Any]], append: bool = False) -> Path:
-    """Write (or append to) a CSV of ``FIELDS``; appending to a file with another header is refused."""
+def write_csv(path: Path, rows: list[dict[str, Any]], append: bool = False, fields: list[str] | None = None) -> Path:
+    """Write (or append to) a CSV; ``fields`` default to the rows' keys in order of appearance."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if fields is None:
+        fields = []
+        for r in rows:
+            fields += [k for k in r if k not in fields]
     mode = "a" if append and path.exists() else "w"
-    if mode == "a":
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), None)
-        if header != FIELDS:
-            raise SystemExit(f"{path} has another header than benchmarks/_common.FIELDS: write a new file (--out)")
     with open(path, mode, newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         if mode == "w":
             writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]], append: bool = False) -> Path:
+    """Write (or append to) a benchmark CSV of ``FIELDS``; appending to a file with another header is refused."""
+    path = Path(path)
+    if append and path.exists():
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), None)
+        if header != FIELDS:
+            raise SystemExit(f"{path} has another header than benchmarks/_common.FIELDS: write a new file (--out)")
+    return write_csv(path, rows, append=append, fields=FIELDS)
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

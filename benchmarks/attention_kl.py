@@ -22,8 +22,10 @@ roofline floor from PERFORMANCE.md's model (GPUs with known peaks only):
     bytes: forward 4*B*H*N*d*s, backward 6*B*H*N*d*s (read Q_s, K_s, Q_t, K_t; write dQ_s, dK_s)
     floor = max(bytes / HBM, FLOP / tensor-core peak, exps / exp-unit rate)
 
-``design_bound_ms`` (the bound of fastkd's own kernel design, from the cost model of `fastkd bench model`) is
-left empty until that model exposes it (benchmarks/NOTES.md).
+``design_bound_ms`` (mode ``full``): the bound of fastkd's own kernel design, the *predicted* ``predicted_bound_ms``
+of ``benchmarks/results/attention_kl_model_sm90.csv`` (``fastkd bench model``: the kernels' own exponentials,
+MMA and bytes at free instruction issue), filled where that file predicts this device (H100/H200), shape
+(B, H, d as in ``kernel_model.SHAPES``), N and dtype; empty elsewhere.
 
 Usage:
     python benchmarks/attention_kl.py                 # standard shapes for this device, writes the CSV + plot
@@ -36,6 +38,7 @@ CPU timings are relative comparisons only; each row records the 1-minute load av
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 from pathlib import Path
@@ -81,6 +84,26 @@ def floor_ms(cost: dict[str, float], peaks: dict[str, float] | None) -> tuple[fl
     }
     bound = max(parts, key=parts.get)
     return parts[bound] * 1e3, bound
+
+
+def design_bounds(device: torch.device) -> dict[tuple[int, int, int, int, str], float]:
+    """(B, H, N, d, dtype) -> the cost model's predicted design bound in ms for this GPU (empty if none)."""
+    path = C.RESULTS / "attention_kl_model_sm90.csv"
+    if device.type != "cuda" or not path.is_file():
+        return {}
+    try:
+        from kernel_model import SHAPES  # benchmarks/kernel_model.py: the shape its predictions are for
+    except ImportError:
+        return {}
+    name = torch.cuda.get_device_name(device)
+    out = {}
+    with open(path, newline="") as f:
+        model_rows = list(csv.DictReader(f))
+    for r in model_rows:
+        if r.get("kernel") == "attention_kl total" and r.get("hardware") and r["hardware"] in name:
+            key = (SHAPES["B"], SHAPES["H"], int(r["N"]), SHAPES["d"], r["dtype"])
+            out[key] = float(r["predicted_bound_ms"])
+    return out
 
 
 def eager_loss(q_s, k_s, q_t, k_t, heads_s=None, heads_t=None):
@@ -235,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else C.RESULTS / f"attention_kl_{C.device_slug(device)}.csv"
     C.check_output(out, args.force_dirty)
     peaks = C.peaks_for(device)
+    bounds = design_bounds(device)
     env = C.stamp(device)
     rows: list[dict] = []
     print(f"attention_kl benchmark on {env['device']} / {env['cpu_model']} (torch {env['torch']}, "
@@ -273,8 +297,10 @@ def main(argv: list[str] | None = None) -> int:
                         fl, bound = floor_ms(costs[mode], peaks)
                         cfg = {**config, "model_flops": costs[mode]["flops"], "model_bytes": costs[mode]["bytes"],
                                "model_exps": costs[mode]["exp"]}
+                        design = bounds.get((B, H, N, d, dtype_name), "") if mode == "full" else ""
                         new_rows.append(C.row(env, **base, mode=mode, config=cfg, metric="time", unit="ms", value=t,
-                                              floor_ms="" if fl is None else round(fl, 5), floor_bound=bound))
+                                              floor_ms="" if fl is None else round(fl, 5), floor_bound=bound,
+                                              design_bound_ms=design))
                         frac = "" if fl is None else f"{fl / t.p50:6.1%}"
                         _print(provider, dtype_name, B, H, N, f"{mode:<8} {t.p50:>10.3f} {res['peak_mib']:>9.1f} "
                                f"{frac:>7}")

@@ -120,3 +120,23 @@ def test_compile_peer_is_fresh_per_configuration(bench, monkeypatch):
     monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
     a, b = bench.make_fn("compile"), bench.make_fn("compile")
     assert a is not b and len(resets) == 2
+
+
+def test_design_bound_comes_from_the_cost_model_csv(bench, tmp_path, monkeypatch):
+    """design_bound_ms: the model's predicted bound for this GPU, shape, N and dtype; nothing for other GPUs."""
+    import sys
+    import types
+
+    (tmp_path / "attention_kl_model_sm90.csv").write_text(
+        "hardware,kernel,N,dtype,predicted_bound_ms\n"
+        "H100,_attention_kl_fwd_kernel,197,bf16,0.06\n"
+        "H100,attention_kl total,197,bf16,0.18639\n"
+        "H200,attention_kl total,197,bf16,0.15\n"
+    )
+    monkeypatch.setattr(bench.C, "RESULTS", tmp_path)
+    monkeypatch.setitem(sys.modules, "kernel_model", types.SimpleNamespace(SHAPES={"B": 256, "H": 6, "d": 64}))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert bench.design_bounds(torch.device("cuda")) == {(256, 6, 197, 64, "bf16"): 0.18639}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    assert bench.design_bounds(torch.device("cuda")) == {}
+    assert bench.design_bounds(torch.device("cpu")) == {}
