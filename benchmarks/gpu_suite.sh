@@ -7,8 +7,9 @@
 #   install     pip install the project (no deps; the machine brings torch/triton/timm) + carried wheels/
 #   tests       pytest -m gpu: the Triton kernels compiled for real, against the fp64 reference
 #   kernels_bf16, kernels_fp32
-#               benchmarks/attention_kl.py at the standard GPU shapes (fastkd, eager, torch.compile), one dtype
-#               per command; `kernels` runs both
+#               benchmarks/attention_kl.py at the standard GPU shapes (fastkd, eager as a user writes it,
+#               torch.compile compiled fresh per shape, the FlexAttention construction), one dtype per command;
+#               `kernels` runs both
 #   importance  benchmarks/head_importance.py
 #   train224, train384, trainloader
 #               benchmarks/train_step.py (DeiT-S <- DeiT-B, bf16, batch 128/256): 224 px and 384 px without data,
@@ -50,7 +51,7 @@ _kernels() {
   local dtype=$1
   local args=(--dtypes "$dtype" --out "$OUT/attention_kl_gpu_$dtype.csv")
   [ "$DRY" = 1 ] && args=(--dtypes "$dtype" --out "$OUT/attention_kl_gpu_$dtype.csv" --shapes "1,2,65,16"
-                          --providers fastkd,eager --rep-ms 5)
+                          --providers fastkd,eager,flex --rep-ms 5)
   timeout 560 $PY benchmarks/attention_kl.py "${args[@]}" > "$OUT/bench_attention_kl_$dtype.log" 2>&1
   log "attention_kl benchmark ($dtype) rc=$? (rows are written as they are measured)"
 }
@@ -79,17 +80,20 @@ stage_trainloader() { _train loader --img-size 224 --data loader --variants none
 stage_train() { stage_train224; stage_train384; stage_trainloader; }
 
 stage_summary() {
+  # every benchmark CSV has the long schema of benchmarks/_common.py (one measured quantity per row)
   $PY - "$OUT" <<'PYEOF'
-import csv, glob, os, sys
+import csv, glob, json, os, sys
 out = sys.argv[1]
 for path in sorted(glob.glob(os.path.join(out, "*.csv")) + glob.glob(os.path.join(out, "*", "*.csv"))):
     rows = list(csv.DictReader(open(path)))
     print(f"\n{os.path.basename(path)}: {len(rows)} rows")
-    full = [r for r in rows if r.get("mode") in ("full", None, "")][:24]
-    for r in full:
-        keys = [k for k in ("provider", "method", "dtype", "B", "H", "N", "batch", "img_size", "p50_ms",
-                            "peak_mem_mib", "frac_of_floor", "img_per_s") if k in r]
-        print("  " + "  ".join(f"{k}={r[k]}" for k in keys))
+    if rows and "metric" not in rows[0]:
+        continue
+    shown = [r for r in rows if r["metric"] in ("time", "step_time", "images_per_s", "") and r["mode"] in ("full", "train", "tiny", "")]
+    for r in shown[:24]:
+        extra = f" floor={r['floor_ms']} design={r['design_bound_ms']}" if r.get("floor_ms") else ""
+        print(f"  {r['benchmark']} {r['op']} {r['provider']} {r['mode']} {json.dumps(json.loads(r['config'] or '{}'))} "
+              f"{r['status']} {r['metric']}={r['p50']} {r['unit']}{extra} {r['note'][:80]}")
 PYEOF
 }
 

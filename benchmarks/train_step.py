@@ -149,14 +149,20 @@ def _registered(name: str) -> bool:
         return False
 
 
+def _layers(variant: str) -> int:
+    """Distilled layers of an ``attn<n>[_eager]`` variant (0 for the others)."""
+    n = variant[4:].split("_")[0]
+    return int(n) if variant.startswith("attn") and n.isdigit() else 0
+
+
 def build_method(variant: str, student, teacher, teacher_factory):
     """The method for a variant, or a string saying why it is skipped."""
     import fastkd.methods as methods
 
     if variant == "none":
         return make_teacher_ce(student, teacher)
-    if variant.startswith("attn") and variant[4:].split("_")[0].isdigit():
-        layers = int(variant[4:].split("_")[0])
+    if _layers(variant):
+        layers = _layers(variant)
         depth = len(student.blocks)
         if layers > depth:
             return f"student has {depth} blocks < {layers}"
@@ -420,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "teacher": models["teacher"], "batch": batch, "img_size": size, "data": data,
                                   "amp": args.amp, "steps": steps, "tokens": (size // patch) ** 2 + 1,
                                   "kernels": "reference" if variant.endswith("_eager") else "default",
-                                  "layers": int(variant[4:].split("_")[0]) if variant.startswith("attn") else 0}
+                                  "layers": _layers(variant)}
                         base = dict(benchmark="train_step", op="train_step", provider=variant, mode=mode,
                                     config=config)
                         if res["status"] != "ok":

@@ -39,14 +39,15 @@ def test_train_step_benchmark_tiny(tmp_path):
     bench = _bench()
     import _common as C  # benchmarks/ is on sys.path once the script is loaded
 
-    rc = bench.main(["--tiny", "--variants", "none", "hinton", "attn1", "attn1_eager", "attn12", "--data", "none",
-                     "--steps", "2", "--warmup", "1", "--out", str(tmp_path)])
+    variants = ["none", "hinton", "attndistill", "attn1", "attn1_eager", "attn12"]
+    rc = bench.main(["--tiny", "--variants", *variants, "--data", "none", "--steps", "2", "--warmup", "1",
+                     "--out", str(tmp_path)])
     assert rc == 0
     (path,) = tmp_path.glob("train_step_*.csv")
     rows = C.read_rows(path)
-    assert {r["provider"] for r in rows} == {"none", "hinton", "attn1", "attn1_eager", "attn12"}
+    assert {r["provider"] for r in rows} == set(variants)
     by = {(r["provider"], r["metric"]): r for r in rows}
-    for name in ("none", "hinton", "attn1", "attn1_eager"):  # hinton is a registered method: it must run
+    for name in variants[:-1]:  # hinton and attndistill are registered methods: they must run
         step = by[(name, "step_time")]
         assert step["status"] == "ok" and int(step["reps"]) == 2, step
         assert 0 < float(step["p20"]) <= float(step["p50"]) <= float(step["p80"])
@@ -56,6 +57,7 @@ def test_train_step_benchmark_tiny(tmp_path):
         assert step["device"] and step["cpu_model"] and step["torch"] and step["date"] and step["commit"]
     assert by[("attn1_eager", "step_time")]["cfg"]["kernels"] == "reference"
     assert by[("attn1", "step_time")]["cfg"]["kernels"] == "default"
+    assert by[("attn1", "step_time")]["cfg"]["layers"] == 1 and by[("attndistill", "step_time")]["cfg"]["layers"] == 0
     skipped = by[("attn12", "")]
     assert skipped["status"] == "skipped" and "blocks" in skipped["note"]  # the tiny student has 4 blocks
     assert path.with_suffix(".png").is_file()
