@@ -8,24 +8,18 @@ the terms that are rounded, never from what one machine printed.
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.benchmarks import load
 from tests.utils import assert_close_rel
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "attention_kl.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_attention_kl", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("attention_kl")
 
 
 def inputs(B, H, N, d, dtype, seed):

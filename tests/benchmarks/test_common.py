@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-COMMON = Path(__file__).resolve().parents[2] / "benchmarks" / "_common.py"
+from tests.benchmarks import load
 
 
 @pytest.fixture()
 def C():
-    spec = importlib.util.spec_from_file_location("bench_common_under_test", COMMON)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("_common")
 
 
 def test_time_fn_keeps_setup_out_of_the_window(C):

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 
 import pytest
 
 from fastkd import demo
-from tests.engine.helpers import REPO
+from tests.benchmarks import load
 
 
 def test_demo_quick(tmp_path, capsys):
@@ -29,10 +28,7 @@ def test_demo_quick(tmp_path, capsys):
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("train_step_bench", REPO / "benchmarks" / "train_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("train_step")
 
 
 def test_train_step_benchmark_tiny(tmp_path):

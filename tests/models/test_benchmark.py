@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "head_importance.py"
+from tests.benchmarks import load
 
 
 def test_benchmark_writes_csv(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_head_importance", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load("head_importance")
     import _common as C  # benchmarks/ is on sys.path once the script is loaded
 
     out = tmp_path / "hi.csv"
