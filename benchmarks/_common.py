@@ -145,6 +145,11 @@ def stamp(device: torch.device, extra_versions: tuple[str, ...] = ()) -> dict[st
     }
 
 
+def _sig(x: float) -> float:
+    """Six significant digits (a relative error of 1e-7 must not round to 0)."""
+    return float(f"{float(x):.6g}")
+
+
 def row(env: dict[str, Any], *, benchmark: str, op: str, provider: str, mode: str = "", config: dict[str, Any],
         metric: str = "", unit: str = "", value: Timing | float | None = None, status: str = "ok", note: str = "",
         **extra: Any) -> dict[str, Any]:
@@ -154,9 +159,9 @@ def row(env: dict[str, Any], *, benchmark: str, op: str, provider: str, mode: st
              config=json.dumps(config, sort_keys=True), status=status, note=note,
              load_avg_1m=round(os.getloadavg()[0], 2))
     if isinstance(value, Timing):
-        r.update(p50=round(value.p50, 5), p20=round(value.p20, 5), p80=round(value.p80, 5), reps=value.reps)
+        r.update(p50=_sig(value.p50), p20=_sig(value.p20), p80=_sig(value.p80), reps=value.reps)
     elif value is not None:
-        r.update(p50=round(float(value), 5), reps=1)
+        r.update(p50=_sig(value), reps=1)
     unknown = set(extra) - set(FIELDS)
     if unknown:
         raise ValueError(f"row: unknown columns {sorted(unknown)}; the schema is {FIELDS}")

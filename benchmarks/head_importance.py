@@ -66,7 +66,13 @@ def measure(op: str, provider: str, shape, dtype: str, device: torch.device, rep
     with C.PeakMemory(device) as mem:
         value = fn()
     timing = C.time_fn(fn, device, warmup=1, reps=None if device.type == "cuda" else reps, rep_ms=100.0)
-    ref = _fn(op, "reference", q.double(), k.double(), v.double(), do.double(), shape[3] ** -0.5)()
+    from fastkd.kernels import reference as oracle  # fp64 (upcast=True), not the fp32 "reference" provider
+
+    q, k, v, do = (x.double() for x in (q, k, v, do))
+    if op == "attribution":
+        ref = oracle.attribution_importance_reference(q, k, v, do, shape[3] ** -0.5, upcast=True)
+    else:
+        ref = oracle.entropy_importance_reference(q, k, shape[3] ** -0.5, upcast=True)
     err = float((value.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
     return {"times": list(timing), "peak_mib": mem.extra_mib, "rel_err": err}
 
