@@ -168,17 +168,19 @@ class BaseLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         indices, pad = self.plan()
         epoch = self.epoch
+        seeds = sharding.sample_seeds(self.cfg.seed, epoch, indices) if self.train else np.zeros(len(indices), np.uint64)
         chunks = [
-            (indices[b:e], pad[b:e])
+            (indices[b:e], pad[b:e], seeds[b:e])
             for b, e in sharding.batch_slices(len(indices), self.batch_size, self.drop_last, self.position)
         ]
         for raw, consumed in self._batches(chunks):
-            batch = self._finish(raw)
+            batch = self._finish(raw, sharding.batch_seed(self.cfg.seed, epoch, self.position))
             self.position += consumed
             yield batch
         self.epoch, self.position = epoch + 1, 0
 
     def _batches(self, chunks):  # -> iterator of (raw batch dict, samples consumed)
+        """``chunks``: ``(indices, is_pad, augmentation seeds)`` of each batch still to read this epoch."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------------
@@ -211,8 +213,9 @@ class BaseLoader:
         x = (x - self._mean.to(x.device)) / self._std.to(x.device)
         return x.to(self.dtype)
 
-    def _finish(self, raw: dict[str, Any]) -> dict[str, Any]:
-        """raw: images (list of views, normalised on device or uint8), labels, index, is_pad (numpy/tensors)."""
+    def _finish(self, raw: dict[str, Any], seed: int) -> dict[str, Any]:
+        """raw: images (list of views, normalised on device or uint8), labels, index, is_pad (numpy/tensors);
+        ``seed``: the batch's Mixup/CutMix seed."""
         views = raw["images"]
         if views[0].dtype == torch.uint8:
             views = [self._normalize(v) for v in views]
@@ -225,7 +228,13 @@ class BaseLoader:
             "is_pad": torch.as_tensor(np.asarray(raw["is_pad"], dtype=bool)),
         }
         if self._mixup is not None:
-            batch["images"], batch["targets"] = self._mix(views[0], labels)
+            # timm draws from NumPy's global generator: seed it for this batch, then give it back untouched
+            state = np.random.get_state()
+            np.random.seed(seed & 0xFFFFFFFF)
+            try:
+                batch["images"], batch["targets"] = self._mix(views[0], labels)
+            finally:
+                np.random.set_state(state)
         return batch
 
     def _mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
