@@ -40,9 +40,12 @@ from fastkd.data.config import DataConfig
 from fastkd.data.loader import BaseLoader
 from fastkd.data.transforms import random_resized_crop_box
 
-# per view, the training graph reads: crop anchor (x, y), crop size (w, h), mirror flag, and the
-# RandAugment operation indices followed by their sign bits (2 * randaugment values)
-_VIEW_INPUTS = 4
+
+
+def view_input_count(cfg: DataConfig) -> int:
+    """Inputs per view of the training graph: crop anchor (x, y), crop size (w, h), mirror flag, and
+    with RandAugment its operation indices followed by their sign bits (2 * randaugment values)."""
+    return 4 if cfg.randaugment > 0 else 3
 
 
 def _dali():
@@ -69,9 +72,9 @@ def build_pipeline(
     of an epoch). Built and ready to run.
 
     ``source_fn`` returns a batch: for validation a list of uint8 arrays of encoded images; for training
-    a tuple of ``1 + 4 * num_views`` lists: the encoded images, then for each view the int32 crop anchor
-    ``(x, y)``, crop size ``(w, h)``, mirror flag, and RandAugment operation indices + sign bits
-    (see :meth:`DaliLoader.view_inputs`).
+    a tuple of ``1 + view_input_count(cfg) * num_views`` lists: the encoded images, then for each view
+    the int32 crop anchor ``(x, y)``, crop size ``(w, h)``, mirror flag, and (with RandAugment) its
+    operation indices + sign bits (see :meth:`DaliLoader.view_inputs`).
 
     ``device_id=None`` builds the CPU graph; an integer builds the GPU graph, which fails with a clear
     error where CUDA is missing.
@@ -112,7 +115,8 @@ def build_pipeline(
                 dtype=out_dtype,
                 output_layout="CHW",
             )
-        n_in = 1 + _VIEW_INPUTS * num_views
+        per_view = view_input_count(cfg)
+        n_in = 1 + per_view * num_views
         encoded, *params = fn.external_source(
             source=source_fn, batch=True, num_outputs=n_in, dtype=[types.UINT8] + [types.INT32] * (n_in - 1)
         )
@@ -121,15 +125,14 @@ def build_pipeline(
             windows = [fn.decoders.image_slice(encoded, params[0], params[1], device=decode_device, **slice_kw, **decoder_kw)]
         else:
             img = fn.decoders.image(encoded, device=decode_device, **decoder_kw)
-            windows = [fn.slice(img, params[_VIEW_INPUTS * v], params[_VIEW_INPUTS * v + 1], **slice_kw) for v in range(num_views)]
+            windows = [fn.slice(img, params[per_view * v], params[per_view * v + 1], **slice_kw) for v in range(num_views)]
         outs = []
         for v, window in enumerate(windows):
             view = fn.resize(window, resize_x=size, resize_y=size, interp_type=interp, antialias=True)
-            mirror, ra = params[_VIEW_INPUTS * v + 2], params[_VIEW_INPUTS * v + 3]
             if cfg.randaugment > 0:
-                view = _rand_augment(view, ra, cfg)
+                view = _rand_augment(view, params[per_view * v + 3], cfg)
             outs.append(
-                fn.crop_mirror_normalize(view, mirror=mirror, mean=mean, std=std, dtype=out_dtype, output_layout="CHW")
+                fn.crop_mirror_normalize(view, mirror=params[per_view * v + 2], mean=mean, std=std, dtype=out_dtype, output_layout="CHW")
             )
         return tuple(outs)
 
@@ -282,14 +285,11 @@ class DaliLoader(BaseLoader):
         for _ in range(self.num_views):
             left, top, w, h = random_resized_crop_box(rng, height, width, cfg.scale, cfg.ratio)
             mirror = rng.random() < cfg.hflip
-            ops = rng.integers(0, max(self._num_ops, 1), cfg.randaugment)
-            signs = rng.integers(0, 2, cfg.randaugment)
-            out += [
-                np.array([left, top], dtype=np.int32),
-                np.array([w, h], dtype=np.int32),
-                np.array(mirror, dtype=np.int32),
-                np.concatenate([ops, signs]).astype(np.int32),
-            ]
+            out += [np.array([left, top], dtype=np.int32), np.array([w, h], dtype=np.int32), np.array(mirror, dtype=np.int32)]
+            if cfg.randaugment > 0:
+                ops = rng.integers(0, self._num_ops, cfg.randaugment)
+                signs = rng.integers(0, 2, cfg.randaugment)
+                out.append(np.concatenate([ops, signs]).astype(np.int32))
         return out
 
     def _replacement(self, index: int) -> tuple[int, bytes] | None:

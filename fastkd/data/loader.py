@@ -10,7 +10,9 @@ A loader is an iterable of dict batches::
     batch["is_pad"]   BoolTensor [B]: True for samples repeated to even out the ranks (on the CPU)
 
 It has ``__len__`` (batches in a full epoch), ``set_epoch``, ``state_dict``/``load_state_dict``
-(epoch and position inside it), and the attributes ``num_classes``, ``backend``, ``corrupt``.
+(epoch and position inside it, and the corrupt files met so far), the attributes ``num_classes``,
+``backend``, ``corrupt`` (data set index -> reason) and :meth:`BaseLoader.corrupt_summary` (the
+corrupt-file totals of the split, ready for a run summary).
 """
 
 from __future__ import annotations
@@ -147,6 +149,7 @@ class BaseLoader:
             "batch_size": self.batch_size,
             "seed": self.cfg.seed,
             "split": self.split,
+            "corrupt": dict(self.corrupt),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -161,6 +164,8 @@ class BaseLoader:
         if not 0 <= position <= self.samples_per_epoch:
             raise ValueError(f"loader state: position={position} outside [0, {self.samples_per_epoch}]")
         self.epoch, self.position = int(state["epoch"]), position
+        with self._lock:  # files found corrupt before the interruption still count (and are not re-read)
+            self.corrupt.update({int(i): str(why) for i, why in (state.get("corrupt") or {}).items()})
 
     # ------------------------------------------------------------------------------------------------
     # iteration
@@ -198,6 +203,19 @@ class BaseLoader:
             count = len(self.corrupt)
         action = "skipped" if self.cfg.corrupt == "skip" else "replaced by the next readable sample"
         log.warning("corrupt image %s: %s; %s (%d corrupt so far in %s)", name, reason, action, count, self.split)
+
+    def corrupt_summary(self) -> dict[str, Any]:
+        """The corrupt files this loader (this rank) has met so far, JSON-ready, for ``summary.json`` and
+        ``metrics.jsonl``: ``{"split", "policy", "count", "files": {name: reason}}``.
+
+        The record survives a resume (it is part of :meth:`state_dict`). Ranks read different files: the
+        run's total for a split is the size of the union of the ranks' ``files`` (names are unique),
+        for example after ``torch.distributed.all_gather_object``.
+        """
+        with self._lock:
+            found = sorted(self.corrupt.items())
+        files = {self.source.describe(index): reason for index, reason in found}
+        return {"split": self.split, "policy": self.cfg.corrupt, "count": len(files), "files": files}
 
     def read_checked(self, index: int) -> tuple[bytes | None, str | None]:
         return read_checked(self.source, index)

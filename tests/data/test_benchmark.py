@@ -6,9 +6,12 @@ import csv
 import importlib.util
 import os
 
+from tests.data.conftest import needs_dali
+
 BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "data_pipeline.py")
 
 
+@needs_dali  # it compares DALI with torchvision
 def test_benchmark_smoke(tmp_path):
     spec = importlib.util.spec_from_file_location("data_pipeline", BENCH)
     mod = importlib.util.module_from_spec(spec)
