@@ -41,7 +41,6 @@ from fastkd.data.loader import BaseLoader
 from fastkd.data.transforms import random_resized_crop_box
 
 
-
 def view_input_count(cfg: DataConfig) -> int:
     """Inputs per view of the training graph: crop anchor (x, y), crop size (w, h), mirror flag, and
     with RandAugment its operation indices followed by their sign bits (2 * randaugment values)."""
@@ -122,17 +121,23 @@ def build_pipeline(
         )
         slice_kw = dict(axis_names="WH")
         if num_views == 1:
-            windows = [fn.decoders.image_slice(encoded, params[0], params[1], device=decode_device, **slice_kw, **decoder_kw)]
+            windows = [
+                fn.decoders.image_slice(encoded, params[0], params[1], device=decode_device, **slice_kw, **decoder_kw)
+            ]
         else:
             img = fn.decoders.image(encoded, device=decode_device, **decoder_kw)
-            windows = [fn.slice(img, params[per_view * v], params[per_view * v + 1], **slice_kw) for v in range(num_views)]
+            windows = [
+                fn.slice(img, params[per_view * v], params[per_view * v + 1], **slice_kw) for v in range(num_views)
+            ]
         outs = []
         for v, window in enumerate(windows):
             view = fn.resize(window, resize_x=size, resize_y=size, interp_type=interp, antialias=True)
             if cfg.randaugment > 0:
                 view = _rand_augment(view, params[per_view * v + 3], cfg)
             outs.append(
-                fn.crop_mirror_normalize(view, mirror=params[per_view * v + 2], mean=mean, std=std, dtype=out_dtype, output_layout="CHW")
+                fn.crop_mirror_normalize(
+                    view, mirror=params[per_view * v + 2], mean=mean, std=std, dtype=out_dtype, output_layout="CHW"
+                )
             )
         return tuple(outs)
 
@@ -174,7 +179,13 @@ def _rand_augment(view, ra, cfg: DataConfig):
     for level in range(n):
         magnitude = signed_bin(cfg.randaugment_magnitude, random_sign=ra[n + level])
         view = select(
-            suite, ra[level], data=view, magnitude_bin=magnitude, num_magnitude_bins=31, fill_value=128, interp_type=None
+            suite,
+            ra[level],
+            data=view,
+            magnitude_bin=magnitude,
+            num_magnitude_bins=31,
+            fill_value=128,
+            interp_type=None,
         )
     return view
 
@@ -285,7 +296,11 @@ class DaliLoader(BaseLoader):
         for _ in range(self.num_views):
             left, top, w, h = random_resized_crop_box(rng, height, width, cfg.scale, cfg.ratio)
             mirror = rng.random() < cfg.hflip
-            out += [np.array([left, top], dtype=np.int32), np.array([w, h], dtype=np.int32), np.array(mirror, dtype=np.int32)]
+            out += [
+                np.array([left, top], dtype=np.int32),
+                np.array([w, h], dtype=np.int32),
+                np.array(mirror, dtype=np.int32),
+            ]
             if cfg.randaugment > 0:
                 ops = rng.integers(0, self._num_ops, cfg.randaugment)
                 signs = rng.integers(0, 2, cfg.randaugment)

@@ -173,7 +173,9 @@ class BaseLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         indices, pad = self.plan()
         epoch = self.epoch
-        seeds = sharding.sample_seeds(self.cfg.seed, epoch, indices) if self.train else np.zeros(len(indices), np.uint64)
+        seeds = (
+            sharding.sample_seeds(self.cfg.seed, epoch, indices) if self.train else np.zeros(len(indices), np.uint64)
+        )
         chunks = [
             (indices[b:e], pad[b:e], seeds[b:e])
             for b, e in sharding.batch_slices(len(indices), self.batch_size, self.drop_last, self.position)

@@ -86,7 +86,10 @@ def jpeg_structure_problem(data: bytes | memoryview) -> str | None:
         pos += length
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and len(body) >= 6:
             sof = marker
-            comps = {int(body[6 + 3 * k]): (int(body[7 + 3 * k]) >> 4, int(body[7 + 3 * k]) & 15) for k in range((len(body) - 6) // 3)}
+            comps = {
+                int(body[6 + 3 * k]): (int(body[7 + 3 * k]) >> 4, int(body[7 + 3 * k]) & 15)
+                for k in range((len(body) - 6) // 3)
+            }
             frame = (int(body[1]) << 8 | int(body[2]), int(body[3]) << 8 | int(body[4]), comps)
         elif marker == 0xDD and len(body) >= 2:
             restart = int(body[0]) << 8 | int(body[1])

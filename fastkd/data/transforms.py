@@ -84,7 +84,9 @@ class TrainTransform:
         return to_chw_uint8(self.transform(img))
 
 
-def random_resized_crop_box(rng: np.random.Generator, height: int, width: int, scale, ratio) -> tuple[int, int, int, int]:
+def random_resized_crop_box(
+    rng: np.random.Generator, height: int, width: int, scale, ratio
+) -> tuple[int, int, int, int]:
     """(left, top, width, height) of a random-resized-crop window, drawn from ``rng``.
 
     The usual Inception-style rule: up to 10 tries of an area fraction uniform in ``scale`` and an

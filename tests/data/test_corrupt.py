@@ -126,7 +126,9 @@ def test_corrupt_images_do_not_stop_the_epoch(folder, tmp_path, caplog, backend,
 def test_damaged_scan_data_is_found(folder):
     """JPEGs with intact end markers but damaged scans: PIL decodes them without a word (libjpeg only
     warns), the marker check finds them; intact JPEGs of every kind pass it."""
-    photo = Image.open(os.path.join(folder, "train", "cat", sorted(os.listdir(os.path.join(folder, "train", "cat")))[0]))
+    photo = Image.open(
+        os.path.join(folder, "train", "cat", sorted(os.listdir(os.path.join(folder, "train", "cat")))[0])
+    )
     good = open(photo.filename, "rb").read()
     for kind, data in damaged_scans(good).items():
         with Image.open(io.BytesIO(data)) as img:
@@ -136,7 +138,13 @@ def test_damaged_scan_data_is_found(folder):
     marker_inside = good[: (start + end) // 2] + b"\xff\x3f" + good[(start + end) // 2 + 2 :]  # no restart markers
     assert "marker 0xFF3F inside the compressed data" in encoded_problem(marker_inside)
     for mode in ("RGB", "L", "CMYK"):
-        for kw in ({}, {"progressive": True}, {"restart_marker_blocks": 3}, {"progressive": True, "restart_marker_rows": 1}, {"optimize": True, "subsampling": 0}):
+        for kw in (
+            {},
+            {"progressive": True},
+            {"restart_marker_blocks": 3},
+            {"progressive": True, "restart_marker_rows": 1},
+            {"optimize": True, "subsampling": 0},
+        ):
             out = io.BytesIO()
             photo.convert(mode).save(out, "JPEG", quality=85, **kw)
             assert encoded_problem(out.getvalue()) is None, (mode, kw)

@@ -52,7 +52,9 @@ def assert_same_batches(got: list[dict], expected: list[dict]) -> None:
 def test_resume_is_bit_exact(folder, backend, variant):
     common = dict(batch_size=3, seed=13, hflip=0.5, scale=(0.08, 1.0), **VARIANTS[variant])
     # the uninterrupted run decodes in one process / thread, the interrupted ones with two
-    reference = take(build_loader(base_cfg(folder, backend, num_workers=1 if backend == "dali" else 0, **common)), TOTAL)
+    reference = take(
+        build_loader(base_cfg(folder, backend, num_workers=1 if backend == "dali" else 0, **common)), TOTAL
+    )
     cfg = base_cfg(folder, backend, num_workers=2, **common)
     for stop in RESUME_AFTER:
         first = build_loader(cfg)
