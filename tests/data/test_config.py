@@ -92,3 +92,17 @@ def test_auto_backend_reports_its_choice(folder, caplog):
     expected = "dali" if dali_available() else "torch"  # DALI is an optional extra
     assert loader.backend == expected
     assert any(f"data backend: {expected} (auto" in r.getMessage() for r in caplog.records)
+
+
+def test_missing_dali_names_the_extra(folder, monkeypatch):
+    """Without DALI (simulated: its import fails), backend='dali' says which extra to install and
+    backend='auto' falls back to torchvision."""
+    import sys
+
+    from fastkd.data import dali_available
+
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # `import nvidia.dali` now raises ImportError
+    assert not dali_available()
+    with pytest.raises(ImportError, match=r"backend='dali'.*pip install fastkd\[dali\]"):
+        build_loader(base_cfg(folder, "dali"), "train")
+    assert build_loader(base_cfg(folder, "auto"), "val").backend == "torch"
