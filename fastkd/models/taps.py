@@ -365,7 +365,7 @@ def _attend(module, taps, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=Fals
     else:
         out, kernel = _SDPA(q, k, v, scale=scale), "sdpa"
     if lse is not None:  # [B, H, N]; some kernels pad the last dim or add a trailing 1
-        lse = lse.reshape(B, H, -1)[..., :N].float()
+        lse = lse.reshape(B, H, -1)[..., :N].float().contiguous()
 
     tensors = {"q": q, "k": k, "v": v, "out": out, "lse": lse}
     want_grad = out.requires_grad and torch.is_grad_enabled()
