@@ -442,7 +442,8 @@ class AttentionTaps:
 
     Args:
         model: a timm ViT (``model.blocks[i].attn`` an attention module with an :class:`AttentionAdapter`,
-            e.g. :class:`timm.layers.Attention`), or a wrapper around one (:class:`fastkd.models.Teacher`, DDP, ``torch.compile``).
+            e.g. :class:`timm.layers.Attention`), or a wrapper around one (:class:`fastkd.models.Teacher`, DDP,
+            ``torch.compile``).
         blocks: block indices to tap (negative indices count from the end), ``"all"`` or None for every block.
         record: what to keep, any of ``"q" "k" "v" "out" "grad_out" "lse"`` or the aliases ``"qk"``,
             ``"qkv"``, ``"all"``. ``"grad_out"`` is filled when a backward runs through ``out``.
@@ -456,10 +457,11 @@ class AttentionTaps:
 
     Usage::
 
-        taps = AttentionTaps(student, blocks=[-1], record="qk")
+        taps = AttentionTaps(student, blocks=[-1], record=("q", "k", "lse"))
         logits = student(images)
         rec = taps[-1]                      # AttentionRecord of the last block
-        loss = attention_kl(rec.q, rec.k, t_rec.q, t_rec.k, scale_s=rec.scale, scale_t=t_rec.scale)
+        loss = attention_kl(rec.q, rec.k, t_rec.q, t_rec.k, scale_s=rec.scale, scale_t=t_rec.scale,
+                            lse_s=rec.lse, lse_t=t_rec.lse)  # LSEs hold at the recorded scales only
         taps.remove()                       # or: with AttentionTaps(...) as taps: ...
     """
 

@@ -416,7 +416,7 @@ def test_teacher_wrapper():
         Teacher(net, input_std=(0.1, 0.2))
 
 
-# --------------------------------------------------------------------------------------------- unknown / changed modules
+# ------------------------------------------------------------------------------------ unknown or changed modules
 def test_unknown_attention_families_are_refused_by_name():
     beit = timm.create_model("beit_base_patch16_224", img_size=32, depth=1, num_classes=2)
     with pytest.raises(ValueError, match=r"block 0: timm\.models\.beit\.Attention has no attention-tap adapter"):
@@ -482,7 +482,7 @@ def test_a_new_family_is_one_adapter(monkeypatch):
         assert rec.lse.shape == (2, 2, 11)
 
 
-# --------------------------------------------------------------------------------------------- the LSE per back end
+# ------------------------------------------------------------------------------------ the LSE per back end
 def _lse_oracle(rec):
     """fp64 natural-log LSE of ``scale q k^T`` from the recorded (already rounded) q, k, and the logits' size."""
     logits = rec.scale * rec.q.double() @ rec.k.double().transpose(-1, -2)
@@ -579,7 +579,7 @@ def test_gpu_backends_record_the_right_lse(backend, kernel, dtype):
         assert rec.grad_out is not None and model.blocks[0].attn.qkv.weight.grad is not None
 
 
-# --------------------------------------------------------------------------------------------- the LSE reaches the methods
+# ------------------------------------------------------------------------------------ the LSE reaches the methods
 def _spy_attention_kl(monkeypatch, module):
     calls = []
     real = module.attention_kl
