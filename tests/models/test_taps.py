@@ -98,8 +98,10 @@ def check_taps_against_module(model, x, backend="sdpa"):
                 assert_close_rel(y, out_own, t, f"{name}: explicit formula vs the module's own output")
                 rec = taps[i]
                 assert rec.scale == pytest.approx(m.head_dim**-0.5, rel=1e-15)
-                for field, want in (("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse)):
+                for field, want in (("q", q), ("k", k), ("v", v), ("out", out)):
                     assert_close_rel(getattr(rec, field), want, t, f"{name}: recorded {field}")
+                # the LSE is kept in fp32 whatever the input dtype: one rounding to fp32 on top
+                assert_close_rel(rec.lse, lse, t + _tol(torch.float32, 1), f"{name}: recorded lse")
         assert_close_rel(tapped, own, _tol(torch.float64, x[0].numel()), "model output with taps")
     finally:
         for h in hooks:
