@@ -22,6 +22,15 @@ def kl_magnitude(t_logits: torch.Tensor, s_logits: torch.Tensor, direction: str 
     return (p * (t.abs() + s.abs())).sum(-1) + t.logsumexp(-1).abs() + s.logsumexp(-1).abs()
 
 
+def soft_ce(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """mean_b Σ_c −t_bc log softmax(z_b)_c written out (hard labels: one-hot ``targets``), and the magnitude of the
+    terms it is a difference of, Σ_c t_bc (|z_bc| + |lse_b|) averaged over the batch: the scale of its rounding
+    error."""
+    lse = torch.logsumexp(logits, dim=1, keepdim=True)
+    ce = -(targets * (logits - lse)).sum() / logits.shape[0]
+    return ce, float((targets * (logits.abs() + lse.abs())).sum().detach()) / logits.shape[0]
+
+
 def check_against_oracle(out: dict, grads: dict, reference, models: tuple, inputs: dict, parts=("loss",)) -> None:
     """The method's ``out[part]`` and parameter ``grads`` against the test's ``reference(*models, inputs)``, held to
     the error budget of tests/utils.py: the reference runs once in fp64 on copies of ``models`` (the oracle) and
