@@ -5,7 +5,8 @@ Entry points:
 * :class:`DataConfig`: every setting of both backends (documented field by field).
 * :func:`build_loader` ``(cfg, split, rank, world_size)``: an iterable of dict batches
   (``images``, ``labels``, optional soft ``targets``, ``index``, ``is_pad``) with ``len``,
-  ``set_epoch``, ``state_dict``/``load_state_dict``, ``num_classes``, ``backend``, ``corrupt``.
+  ``set_epoch``, ``state_dict``/``load_state_dict``, ``num_classes``, ``backend``, ``corrupt`` and
+  ``corrupt_summary()`` (the split's corrupt-file totals for a run summary).
 * :func:`prepare_digits`, :func:`prepare_photos`: small real data sets shipped inside
   scikit-learn / scikit-image, written as ImageFolder JPEGs (``fastkd data prepare``).
 """

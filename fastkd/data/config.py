@@ -87,7 +87,9 @@ class DataConfig:
 
     Order, sharding, resumption
         seed: Base seed. The per-epoch permutation is seeded by ``(seed, epoch)`` and is the same on
-            every rank; augmentation seeds also mix in the rank.
+            every rank. Each sample's augmentation (crop, flip, RandAugment) is seeded by ``(seed, epoch,
+            data set index)`` and each batch's Mixup/CutMix by ``(seed, epoch, batch position)``, on both
+            backends: the number of workers or threads and the point where a run resumed change nothing.
         shuffle: Shuffle each epoch; ``None`` means True for ``train`` and False for ``val``.
         shard_policy: How ``N`` samples are split over ``W`` ranks so that all ranks have the same
             number of samples (and therefore batches): ``"pad"`` repeats the first ``W*ceil(N/W) - N``
@@ -99,7 +101,10 @@ class DataConfig:
         corrupt: What to do with an image that cannot be read or decoded: ``"skip"`` (the batch gets
             one sample fewer), ``"replace"`` (the next readable sample in data set order takes its
             place), ``"error"`` (raise, naming the file). Every bad file is logged once and counted in
-            ``loader.corrupt``; the number of batches per epoch never changes.
+            ``loader.corrupt`` (totals: ``loader.corrupt_summary()``, kept across a resume); the number of
+            batches per epoch never changes. Bad means unreadable, truncated, not an image, a JPEG whose
+            marker structure is damaged (a marker inside the compressed data, missing or out-of-order
+            restart markers: both decoders would decode it as garbage without a word), or a decode error.
         hw_decoder_load: DALI "mixed" decoding only: share of JPEGs sent to the hardware JPEG decoder
             (A100/H100 have one); ignored on the CPU.
         extra: Free-form notes that travel with the config (a recipe's comments); the loaders ignore it.

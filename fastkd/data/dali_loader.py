@@ -1,11 +1,17 @@
 """The DALI backend.
 
-Graph (training): encoded bytes -> decode fused with random-resized-crop (``decoders.image_random_crop``:
+Graph (training): encoded bytes -> decode fused with the random-resized-crop (``decoders.image_slice``:
 only the crop window is decoded; "mixed" = nvJPEG on the GPU) -> resize to ``img_size`` -> optional
-RandAugment (``nvidia.dali.auto_aug.rand_augment``) -> flip + normalise + HWC->CHW + cast
-(``crop_mirror_normalize``). Multi-view mode decodes once and draws ``num_views`` independent
-random-resized-crops. Validation: decode -> resize shorter side -> centre crop + normalise.
-Without a GPU the identical graph runs with CPU operators (``device_id=None``).
+RandAugment (the operations of ``nvidia.dali.auto_aug.rand_augment``'s suite) -> flip + normalise +
+HWC->CHW + cast (``crop_mirror_normalize``). Multi-view mode decodes once and cuts ``num_views``
+windows. Validation: decode -> resize shorter side -> centre crop + normalise. Without a GPU the
+identical graph runs with CPU operators (``device_id=None``).
+
+Randomness: the graph holds no random operator. Every random choice (crop window, flip, RandAugment
+operations and signs) is drawn in Python from the sample's own generator, seeded by
+:func:`fastkd.data.sharding.sample_seeds` ``(seed, epoch, data set index)``, and fed to the graph next
+to the encoded bytes. A DALI random operator instead keeps one state per slot of the batch, carried
+from batch to batch, so a resumed run (or a rebuilt pipeline) would draw different augmentations.
 
 Input: the pipeline reads from ``fn.external_source``, fed by this rank's shard of the epoch plan
 (:mod:`fastkd.data.sharding`); the bytes are read by a thread pool one batch ahead. DALI's own file
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import io
 import weakref
 from typing import Any
 
@@ -31,6 +38,13 @@ import torch
 
 from fastkd.data.config import DataConfig
 from fastkd.data.loader import BaseLoader
+from fastkd.data.transforms import random_resized_crop_box
+
+
+def view_input_count(cfg: DataConfig) -> int:
+    """Inputs per view of the training graph: crop anchor (x, y), crop size (w, h), mirror flag, and
+    with RandAugment its operation indices followed by their sign bits (2 * randaugment values)."""
+    return 4 if cfg.randaugment > 0 else 3
 
 
 def _dali():
@@ -53,8 +67,13 @@ def build_pipeline(
     seed: int,
     num_threads: int | None = None,
 ):
-    """The DALI pipeline of ``split``, fed by ``source_fn`` (a callable returning a list of uint8 arrays
-    of encoded images, raising StopIteration at the end of an epoch). Built and ready to run.
+    """The DALI pipeline of ``split``, fed by ``source_fn`` (a callable raising StopIteration at the end
+    of an epoch). Built and ready to run.
+
+    ``source_fn`` returns a batch: for validation a list of uint8 arrays of encoded images; for training
+    a tuple of ``1 + view_input_count(cfg) * num_views`` lists: the encoded images, then for each view
+    the int32 crop anchor ``(x, y)``, crop size ``(w, h)``, mirror flag, and (with RandAugment) its
+    operation indices + sign bits (see :meth:`DaliLoader.view_inputs`).
 
     ``device_id=None`` builds the CPU graph; an integer builds the GPU graph, which fails with a clear
     error where CUDA is missing.
@@ -81,8 +100,8 @@ def build_pipeline(
 
     @pipeline_def(enable_conditionals=train and cfg.randaugment > 0)
     def graph():
-        encoded = fn.external_source(source=source_fn, batch=True, dtype=types.UINT8, ndim=1, name="encoded")
         if not train:
+            encoded = fn.external_source(source=source_fn, batch=True, dtype=types.UINT8, ndim=1, name="encoded")
             img = fn.decoders.image(encoded, device=decode_device, **decoder_kw)
             img = fn.resize(img, resize_shorter=cfg.resize_size(), interp_type=interp, antialias=True)
             return fn.crop_mirror_normalize(
@@ -95,27 +114,30 @@ def build_pipeline(
                 dtype=out_dtype,
                 output_layout="CHW",
             )
-        crop_kw = dict(random_area=list(cfg.scale), random_aspect_ratio=list(cfg.ratio), num_attempts=10)
+        per_view = view_input_count(cfg)
+        n_in = 1 + per_view * num_views
+        encoded, *params = fn.external_source(
+            source=source_fn, batch=True, num_outputs=n_in, dtype=[types.UINT8] + [types.INT32] * (n_in - 1)
+        )
+        slice_kw = dict(axis_names="WH")
         if num_views == 1:
-            img = fn.decoders.image_random_crop(encoded, device=decode_device, **crop_kw, **decoder_kw)
-            views = [fn.resize(img, resize_x=size, resize_y=size, interp_type=interp, antialias=True)]
+            windows = [
+                fn.decoders.image_slice(encoded, params[0], params[1], device=decode_device, **slice_kw, **decoder_kw)
+            ]
         else:
             img = fn.decoders.image(encoded, device=decode_device, **decoder_kw)
-            views = [
-                fn.random_resized_crop(img, size=(size, size), interp_type=interp, antialias=True, **crop_kw)
-                for _ in range(num_views)
+            windows = [
+                fn.slice(img, params[per_view * v], params[per_view * v + 1], **slice_kw) for v in range(num_views)
             ]
         outs = []
-        for view in views:
+        for v, window in enumerate(windows):
+            view = fn.resize(window, resize_x=size, resize_y=size, interp_type=interp, antialias=True)
             if cfg.randaugment > 0:
-                from nvidia.dali.auto_aug import rand_augment
-
-                view = rand_augment.rand_augment(
-                    view, n=cfg.randaugment, m=cfg.randaugment_magnitude, num_magnitude_bins=31, fill_value=128
-                )
-            mirror = fn.random.coin_flip(probability=cfg.hflip) if cfg.hflip > 0 else 0
+                view = _rand_augment(view, params[per_view * v + 3], cfg)
             outs.append(
-                fn.crop_mirror_normalize(view, mirror=mirror, mean=mean, std=std, dtype=out_dtype, output_layout="CHW")
+                fn.crop_mirror_normalize(
+                    view, mirror=params[per_view * v + 2], mean=mean, std=std, dtype=out_dtype, output_layout="CHW"
+                )
             )
         return tuple(outs)
 
@@ -136,6 +158,36 @@ def build_pipeline(
             ) from exc
         raise
     return pipe
+
+
+def rand_augment_suite():
+    """DALI's RandAugment operations (``rand_augment``'s default suite), in the order their index picks."""
+    from nvidia.dali.auto_aug import rand_augment
+
+    return rand_augment.get_rand_augment_suite()
+
+
+def _rand_augment(view, ra, cfg: DataConfig):
+    """RandAugment as ``nvidia.dali.auto_aug.rand_augment`` applies it, but with the operations and the
+    signs of their magnitudes read from ``ra`` (``n`` indices, then ``n`` sign bits) instead of drawn by
+    DALI random operators."""
+    from nvidia.dali.auto_aug.core import select
+    from nvidia.dali.auto_aug.core import signed_bin
+
+    suite = rand_augment_suite()
+    n = cfg.randaugment
+    for level in range(n):
+        magnitude = signed_bin(cfg.randaugment_magnitude, random_sign=ra[n + level])
+        view = select(
+            suite,
+            ra[level],
+            data=view,
+            magnitude_bin=magnitude,
+            num_magnitude_bins=31,
+            fill_value=128,
+            interp_type=None,
+        )
+    return view
 
 
 class _Feeder:
@@ -167,10 +219,23 @@ class _Feeder:
             nxt = self.queue[0]
             self._ahead = (nxt, self._pool.submit(self._loader().read_chunk, nxt, self._pool))
         self.in_flight.append((chunk, items))
-        return [np.frombuffer(item[2], dtype=np.uint8) for item in items]
+        encoded = [np.frombuffer(item[2], dtype=np.uint8) for item in items]
+        if not self._loader().train:
+            return encoded
+        return (encoded, *([item[3][k] for item in items] for k in range(len(items[0][3]))))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _oriented_size(data: bytes) -> tuple[int, int]:
+    """(height, width) of an encoded image as DALI decodes it (EXIF orientation applied); headers only."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        width, height = img.size
+        orientation = img.getexif().get(0x0112, 1)
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
 
 
 class DaliLoader(BaseLoader):
@@ -185,29 +250,62 @@ class DaliLoader(BaseLoader):
         self._state = "dirty"  # fresh: nothing in flight | drain: only the end signal left | dirty: rebuild
         self._builds = 0
         self._probe_pipe = None
+        self._num_ops = len(rand_augment_suite()) if self.train and cfg.randaugment > 0 else 0
 
     # -- input side ---------------------------------------------------------------------------------
 
-    def read_chunk(self, chunk, pool) -> list[tuple[int, bool, bytes]]:
-        """``(index used, is_pad, bytes)`` of a batch, corrupt samples skipped or replaced."""
-        idx, pad = chunk
+    def read_chunk(self, chunk, pool) -> list[tuple[int, bool, bytes, list[np.ndarray]]]:
+        """``(index used, is_pad, bytes, view inputs)`` of a batch, corrupt samples skipped or replaced.
+        A replacement is augmented with the seed of the slot it fills."""
+        idx, pad, seeds = chunk
         reads = list(pool.map(self.read_checked, idx.tolist())) if len(idx) > 1 else [self.read_checked(int(idx[0]))]
         items = []
-        for i, p, (data, problem) in zip(idx.tolist(), pad.tolist(), reads):
+        for i, p, seed, (data, problem) in zip(idx.tolist(), pad.tolist(), seeds.tolist(), reads):
             if data is not None and i not in self.corrupt:
-                items.append((i, p, data))
+                items.append(self._item(i, p, data, seed))
                 continue
             self.record_bad(i, problem or self.corrupt.get(i, "corrupt"))
             if self.cfg.corrupt == "replace":
                 rep = self._replacement(i)
                 if rep is not None:
-                    items.append((rep[0], p, rep[1]))
+                    items.append(self._item(rep[0], p, rep[1], seed))
+        items = [it for it in items if it is not None]
         if not items:  # never feed an empty batch: the first sample's replacement stands in
             rep = self._replacement(int(idx[0]))
-            if rep is None:
+            item = None if rep is None else self._item(rep[0], bool(pad[0]), rep[1], int(seeds[0]))
+            if item is None:
                 raise RuntimeError(f"no readable image near data set index {int(idx[0])}")
-            items.append((rep[0], bool(pad[0]), rep[1]))
+            items.append(item)
         return items
+
+    def _item(self, index: int, is_pad: bool, data: bytes, seed: int):
+        """The feeder's entry of a sample; None (recorded as corrupt) when its header cannot be parsed."""
+        if not self.train:
+            return index, is_pad, data, []
+        try:
+            height, width = _oriented_size(data)
+        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... on bad headers
+            self.record_bad(index, f"decode failed: unreadable header: {type(exc).__name__}: {exc}")
+            return None
+        return index, is_pad, data, self.view_inputs(np.random.default_rng(seed), height, width)
+
+    def view_inputs(self, rng: np.random.Generator, height: int, width: int) -> list[np.ndarray]:
+        """The random choices of one sample, per view: crop anchor, crop size, mirror, RandAugment."""
+        cfg = self.cfg
+        out = []
+        for _ in range(self.num_views):
+            left, top, w, h = random_resized_crop_box(rng, height, width, cfg.scale, cfg.ratio)
+            mirror = rng.random() < cfg.hflip
+            out += [
+                np.array([left, top], dtype=np.int32),
+                np.array([w, h], dtype=np.int32),
+                np.array(mirror, dtype=np.int32),
+            ]
+            if cfg.randaugment > 0:
+                ops = rng.integers(0, self._num_ops, cfg.randaugment)
+                signs = rng.integers(0, 2, cfg.randaugment)
+                out.append(np.concatenate([ops, signs]).astype(np.int32))
+        return out
 
     def _replacement(self, index: int) -> tuple[int, bytes] | None:
         for cand in self.replacement_candidates(index):
@@ -222,10 +320,9 @@ class DaliLoader(BaseLoader):
     # -- pipeline ------------------------------------------------------------------------------------
 
     def _build(self):
-        seed = hash((self.cfg.seed, self.rank, self.epoch, self._builds)) & 0x7FFFFFFF
         self._builds += 1
-        self._pipe = build_pipeline(
-            self.cfg, self.split, self._feeder, batch_size=self.batch_size, device_id=self.device_id, seed=seed
+        self._pipe = build_pipeline(  # no random operator in the graph: the seed does not matter
+            self.cfg, self.split, self._feeder, batch_size=self.batch_size, device_id=self.device_id, seed=self.cfg.seed
         )
         self._state = "fresh"
 
@@ -260,7 +357,7 @@ class DaliLoader(BaseLoader):
         in_flight = list(self._feeder.in_flight)
         found = 0
         for _, items in in_flight:
-            for index, _, data in items:
+            for index, _, data, _ in items:
                 reason = self._probe(data)
                 if reason is not None:
                     self.record_bad(index, reason)

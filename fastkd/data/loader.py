@@ -10,7 +10,9 @@ A loader is an iterable of dict batches::
     batch["is_pad"]   BoolTensor [B]: True for samples repeated to even out the ranks (on the CPU)
 
 It has ``__len__`` (batches in a full epoch), ``set_epoch``, ``state_dict``/``load_state_dict``
-(epoch and position inside it), and the attributes ``num_classes``, ``backend``, ``corrupt``.
+(epoch and position inside it, and the corrupt files met so far), the attributes ``num_classes``,
+``backend``, ``corrupt`` (data set index -> reason) and :meth:`BaseLoader.corrupt_summary` (the
+corrupt-file totals of the split, ready for a run summary).
 """
 
 from __future__ import annotations
@@ -147,6 +149,7 @@ class BaseLoader:
             "batch_size": self.batch_size,
             "seed": self.cfg.seed,
             "split": self.split,
+            "corrupt": dict(self.corrupt),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -161,6 +164,8 @@ class BaseLoader:
         if not 0 <= position <= self.samples_per_epoch:
             raise ValueError(f"loader state: position={position} outside [0, {self.samples_per_epoch}]")
         self.epoch, self.position = int(state["epoch"]), position
+        with self._lock:  # files found corrupt before the interruption still count (and are not re-read)
+            self.corrupt.update({int(i): str(why) for i, why in (state.get("corrupt") or {}).items()})
 
     # ------------------------------------------------------------------------------------------------
     # iteration
@@ -168,17 +173,21 @@ class BaseLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         indices, pad = self.plan()
         epoch = self.epoch
+        seeds = (
+            sharding.sample_seeds(self.cfg.seed, epoch, indices) if self.train else np.zeros(len(indices), np.uint64)
+        )
         chunks = [
-            (indices[b:e], pad[b:e])
+            (indices[b:e], pad[b:e], seeds[b:e])
             for b, e in sharding.batch_slices(len(indices), self.batch_size, self.drop_last, self.position)
         ]
         for raw, consumed in self._batches(chunks):
-            batch = self._finish(raw)
+            batch = self._finish(raw, sharding.batch_seed(self.cfg.seed, epoch, self.position))
             self.position += consumed
             yield batch
         self.epoch, self.position = epoch + 1, 0
 
     def _batches(self, chunks):  # -> iterator of (raw batch dict, samples consumed)
+        """``chunks``: ``(indices, is_pad, augmentation seeds)`` of each batch still to read this epoch."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------------
@@ -197,6 +206,19 @@ class BaseLoader:
         action = "skipped" if self.cfg.corrupt == "skip" else "replaced by the next readable sample"
         log.warning("corrupt image %s: %s; %s (%d corrupt so far in %s)", name, reason, action, count, self.split)
 
+    def corrupt_summary(self) -> dict[str, Any]:
+        """The corrupt files this loader (this rank) has met so far, JSON-ready, for ``summary.json`` and
+        ``metrics.jsonl``: ``{"split", "policy", "count", "files": {name: reason}}``.
+
+        The record survives a resume (it is part of :meth:`state_dict`). Ranks read different files: the
+        run's total for a split is the size of the union of the ranks' ``files`` (names are unique),
+        for example after ``torch.distributed.all_gather_object``.
+        """
+        with self._lock:
+            found = sorted(self.corrupt.items())
+        files = {self.source.describe(index): reason for index, reason in found}
+        return {"split": self.split, "policy": self.cfg.corrupt, "count": len(files), "files": files}
+
     def read_checked(self, index: int) -> tuple[bytes | None, str | None]:
         return read_checked(self.source, index)
 
@@ -211,8 +233,9 @@ class BaseLoader:
         x = (x - self._mean.to(x.device)) / self._std.to(x.device)
         return x.to(self.dtype)
 
-    def _finish(self, raw: dict[str, Any]) -> dict[str, Any]:
-        """raw: images (list of views, normalised on device or uint8), labels, index, is_pad (numpy/tensors)."""
+    def _finish(self, raw: dict[str, Any], seed: int) -> dict[str, Any]:
+        """raw: images (list of views, normalised on device or uint8), labels, index, is_pad (numpy/tensors);
+        ``seed``: the batch's Mixup/CutMix seed."""
         views = raw["images"]
         if views[0].dtype == torch.uint8:
             views = [self._normalize(v) for v in views]
@@ -225,7 +248,13 @@ class BaseLoader:
             "is_pad": torch.as_tensor(np.asarray(raw["is_pad"], dtype=bool)),
         }
         if self._mixup is not None:
-            batch["images"], batch["targets"] = self._mix(views[0], labels)
+            # timm draws from NumPy's global generator: seed it for this batch, then give it back untouched
+            state = np.random.get_state()
+            np.random.seed(seed & 0xFFFFFFFF)
+            try:
+                batch["images"], batch["targets"] = self._mix(views[0], labels)
+            finally:
+                np.random.set_state(state)
         return batch
 
     def _mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,6 +3,11 @@
 The plan depends only on ``(num_samples, epoch, seed, shuffle, rank, world_size, policy)``, so every
 rank computes its share without talking to the others, both backends read the same samples in the
 same order, and a resumed run can skip exactly the samples it has already consumed.
+
+The randomness of augmentation follows the same rule: :func:`sample_seeds` gives each sample of an
+epoch a seed that depends only on ``(seed, epoch, data set index)``, and :func:`batch_seed` gives each
+batch (Mixup/CutMix) one that depends only on ``(seed, epoch, position of the batch)``. How many worker
+processes or decoder threads there are, and where a run was interrupted, cannot change them.
 """
 
 from __future__ import annotations
@@ -55,3 +60,30 @@ def batch_slices(n: int, batch_size: int, drop_last: bool, start: int = 0) -> li
     """``(begin, end)`` of each batch of a rank's ``n`` samples, from sample ``start`` on."""
     stop = num_batches(n, batch_size, drop_last) * batch_size
     return [(b, min(b + batch_size, n)) for b in range(start, min(stop, n), batch_size)]
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """A bijective 64-bit mixing function (the splitmix64 finaliser), element-wise on uint64."""
+    x = x.astype(np.uint64, copy=True)
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x
+
+
+def _key(seed: int, epoch: int, stream: int) -> np.uint64:
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, int(epoch), stream]).generate_state(1, np.uint64)
+    return state[0]
+
+
+def sample_seeds(seed: int, epoch: int, indices) -> np.ndarray:
+    """The augmentation seed (uint64) of each data set index in ``indices`` for ``epoch``."""
+    idx = np.asarray(indices, dtype=np.int64).astype(np.uint64)
+    return _mix64(idx ^ _key(seed, epoch, 1))
+
+
+def batch_seed(seed: int, epoch: int, position: int) -> int:
+    """The seed of the batch that starts at sample ``position`` of this rank's share of ``epoch``."""
+    return int(_mix64(np.array([position], dtype=np.uint64) ^ _key(seed, epoch, 2))[0])

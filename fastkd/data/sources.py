@@ -8,6 +8,7 @@ identical whichever backend decodes the bytes.
 from __future__ import annotations
 
 import glob
+import math
 import os
 import tarfile
 import threading
@@ -35,7 +36,7 @@ def encoded_problem(data: bytes | memoryview) -> str | None:
         # libjpeg stops at the end-of-image marker; some writers append a few bytes after it
         if bytes(data[max(0, n - 65536) :]).rfind(b"\xff\xd9") < 0:
             return "truncated JPEG (no end-of-image marker)"
-        return None
+        return jpeg_structure_problem(data)
     if head[:8] == b"\x89PNG\r\n\x1a\n":
         if bytes(data[max(0, n - 64) :]).find(b"IEND") < 0:
             return "truncated PNG (no IEND chunk)"
@@ -45,6 +46,89 @@ def encoded_problem(data: bytes | memoryview) -> str | None:
     if head[:1] == b"P" and head[1:2] in b"123456":
         return None
     return "not a supported image format"
+
+
+# markers that may follow a scan (JPEG, ITU T.81 B.2.4): DHT, DAC, SOS, DQT, DNL, DRI, COM, APPn, EOI
+_AFTER_SCAN = frozenset([0xC4, 0xCC, 0xDA, 0xDB, 0xDC, 0xDD, 0xFE, 0xD9, *range(0xE0, 0xF0)])
+_SOF_WITH_MCUS = frozenset([0xC0, 0xC1, 0xC2])  # baseline, extended and progressive DCT frames
+
+
+def jpeg_structure_problem(data: bytes | memoryview) -> str | None:
+    """Why a JPEG's marker structure is damaged, or ``None``: segments that overrun the file, a
+    marker inside the compressed scan data that cannot be there, restart markers out of sequence or
+    fewer/more of them than the frame has restart intervals, no scan before the end-of-image marker.
+
+    Neither PIL nor DALI's decoders report such damage: libjpeg only warns ("Corrupt JPEG data: ...")
+    and both decode the image on, as garbage. The check looks at the markers only (one vectorised pass
+    over the file, a few per cent of the time a CPU decode takes); damage that leaves them intact (bit flips or zeroed bytes in a
+    scan without restart markers) is not found here, nor by those decoders.
+    """
+    raw = bytes(data)
+    n = len(raw)
+    pos, scans, restart, sof = 2, 0, 0, 0
+    frame: tuple[int, int, dict[int, tuple[int, int]]] | None = None  # height, width, id -> (h, v)
+    marks = None  # every 0xFF after the first scan header: position, next byte, "ends a scan"
+    while True:
+        if pos >= n or raw[pos] != 0xFF:
+            return f"damaged JPEG (no marker where one is due, byte {pos})"
+        while pos < n and raw[pos] == 0xFF:  # fill bytes
+            pos += 1
+        marker = raw[pos] if pos < n else -1
+        pos += 1
+        if marker == 0xD9:
+            return None if scans else "damaged JPEG (no scan before the end-of-image marker)"
+        if pos + 2 > n:
+            return "truncated JPEG (ends inside a marker)"
+        length = raw[pos] << 8 | raw[pos + 1]
+        if marker in (0x00, 0x01) or 0xD0 <= marker <= 0xD8 or length < 2 or pos + length > n:
+            return f"damaged JPEG (marker 0xFF{marker:02X} at byte {pos - 2} is broken)"
+        body = raw[pos + 2 : pos + length]
+        pos += length
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and len(body) >= 6:
+            sof = marker
+            comps = {body[6 + 3 * k]: (body[7 + 3 * k] >> 4, body[7 + 3 * k] & 15) for k in range((len(body) - 6) // 3)}
+            frame = (body[1] << 8 | body[2], body[3] << 8 | body[4], comps)
+        elif marker == 0xDD and len(body) >= 2:
+            restart = body[0] << 8 | body[1]
+        elif marker == 0xDA:
+            scans += 1
+            if marks is None:  # one vectorised pass over the rest of the file serves every scan
+                a = np.frombuffer(raw, dtype=np.uint8)
+                ff = np.flatnonzero(a[pos : n - 1] == 0xFF) + pos
+                nxt = a[ff + 1]
+                marks = (ff, nxt, ~(((nxt >= 0xD0) & (nxt <= 0xD7)) | (nxt == 0x00) | (nxt == 0xFF)))
+            first = int(np.searchsorted(marks[0], pos))
+            stops = np.flatnonzero(marks[2][first:])
+            if not len(stops):
+                return "truncated JPEG (the scan data runs to the end of the file)"
+            last = first + int(stops[0])
+            end = int(marks[0][last])
+            if raw[end + 1] not in _AFTER_SCAN:
+                return f"damaged JPEG scan data (marker 0xFF{raw[end + 1]:02X} inside the compressed data)"
+            inside = marks[1][first:last]
+            rst = inside[(inside >= 0xD0) & (inside <= 0xD7)].astype(np.int64) - 0xD0
+            if np.any(rst != np.arange(len(rst)) % 8):
+                return "damaged JPEG scan data (restart markers out of sequence)"
+            ids = list(body[1 : 1 + 2 * body[0] : 2]) if body else []
+            expected = _restart_markers(frame, ids, restart) if sof in _SOF_WITH_MCUS else None
+            if expected is not None and len(rst) != expected:
+                return f"damaged JPEG scan data ({len(rst)} restart markers where the frame has {expected})"
+            pos = end
+
+
+def _restart_markers(frame, ids: list[int], restart: int) -> int | None:
+    """Restart markers a scan of ``ids`` must hold, or None when that cannot be told from the headers."""
+    if not restart or frame is None or not frame[0] or not ids or any(c not in frame[2] for c in ids):
+        return None
+    height, width, comps = frame
+    hmax = max(h for h, _ in comps.values())
+    vmax = max(v for _, v in comps.values())
+    if len(ids) == 1:  # non-interleaved: one block per MCU, over the component's own size
+        h, v = comps[ids[0]]
+        mcus = math.ceil(math.ceil(width * h / hmax) / 8) * math.ceil(math.ceil(height * v / vmax) / 8)
+    else:
+        mcus = math.ceil(width / (8 * hmax)) * math.ceil(height / (8 * vmax))
+    return max(0, math.ceil(mcus / restart) - 1)
 
 
 class Source:

@@ -3,6 +3,10 @@
 Workers decode and augment to uint8 CHW tensors (4x less to pin and copy than float); the main
 process moves them to the device, normalises there, casts to the training dtype and applies
 Mixup/CutMix, exactly where the DALI backend does.
+
+Each sample is augmented with torch's generator seeded by the sample's own seed
+(:func:`fastkd.data.sharding.sample_seeds`) and restored afterwards, so its crop, flip and RandAugment
+do not depend on the worker that draws it, on the number of workers, or on where a run resumed.
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ from fastkd.data.transforms import ValTransform
 
 
 class _Dataset(torch.utils.data.Dataset):
-    """Items are ``(index, is_pad)``; returns the decoded views or None plus any bad files met."""
+    """Items are ``(index, is_pad, seed)``; returns the decoded views or None plus any bad files met."""
 
     def __init__(self, loader: TorchLoader) -> None:
         self.source = loader.source
         self.policy = loader.cfg.corrupt
         self.num_views = loader.num_views
+        self.train = loader.train
         self.transform = TrainTransform(loader.cfg) if loader.train else ValTransform(loader.cfg)
 
     def __len__(self) -> int:
@@ -45,8 +50,15 @@ class _Dataset(torch.utils.data.Dataset):
         except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... on bad streams
             return None, f"decode failed: {type(exc).__name__}: {exc}"
 
-    def __getitem__(self, item: tuple[int, bool], force_replace: bool = False) -> dict[str, Any]:
-        index, is_pad = int(item[0]), bool(item[1])
+    def augment(self, img: Image.Image, seed: int) -> list[torch.Tensor]:
+        if not self.train:
+            return [self.transform(img)]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return [self.transform(img) for _ in range(self.num_views)]
+
+    def __getitem__(self, item: tuple[int, bool, int], force_replace: bool = False) -> dict[str, Any]:
+        index, is_pad, seed = int(item[0]), bool(item[1]), int(item[2])
         bad: list[tuple[int, str]] = []
         img, problem = self.decode(index)
         used = index
@@ -60,9 +72,10 @@ class _Dataset(torch.utils.data.Dataset):
                         break
                     bad.append((cand, problem))
         if img is None or self.policy == "error" and bad:
-            return {"views": None, "bad": bad, "index": index, "is_pad": is_pad}
-        views = [self.transform(img) for _ in range(self.num_views)]
-        return {"views": views, "bad": bad, "index": used, "is_pad": is_pad, "label": int(self.source.labels[used])}
+            return {"views": None, "bad": bad, "index": index, "is_pad": is_pad, "item": item}
+        views = self.augment(img, seed)  # a replacement takes the seed of the slot it fills
+        label = int(self.source.labels[used])
+        return {"views": views, "bad": bad, "index": used, "is_pad": is_pad, "label": label, "item": item}
 
 
 def _collate(items: list[dict[str, Any]], num_views: int, size: int) -> dict[str, Any]:
@@ -77,7 +90,7 @@ def _collate(items: list[dict[str, Any]], num_views: int, size: int) -> dict[str
         "index": np.array([it["index"] for it in good], dtype=np.int64),
         "is_pad": np.array([it["is_pad"] for it in good], dtype=bool),
         "bad": [b for it in items for b in it["bad"]],
-        "first": (int(items[0]["index"]), bool(items[0]["is_pad"])),
+        "first": items[0]["item"],
     }
 
 
@@ -88,8 +101,8 @@ class _EpochBatches:
         self.chunks = chunks
 
     def __iter__(self):
-        for idx, pad in self.chunks:
-            yield list(zip(idx.tolist(), pad.tolist()))
+        for idx, pad, seeds in self.chunks:
+            yield list(zip(idx.tolist(), pad.tolist(), seeds.tolist()))
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -105,8 +118,8 @@ class TorchLoader(BaseLoader):
     def _batches(self, chunks):
         cfg = self.cfg
         workers = cfg.num_workers
-        gen = torch.Generator()
-        gen.manual_seed(hash((cfg.seed, self.epoch, self.rank, self.position)) & 0x7FFFFFFF)
+        gen = torch.Generator()  # worker base seeds; the augmentation is seeded per sample
+        gen.manual_seed(0)
         loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_sampler=_EpochBatches(chunks),
@@ -129,7 +142,7 @@ class TorchLoader(BaseLoader):
                 gc.unfreeze()
         else:
             batches = iter(loader)
-        for (idx, _), raw in zip(chunks, batches):
+        for (idx, _, _), raw in zip(chunks, batches):
             for index, reason in raw["bad"]:
                 self.record_bad(index, reason)
             if len(raw["index"]) == 0:  # every sample unreadable: never hand out an empty batch

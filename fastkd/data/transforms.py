@@ -82,3 +82,29 @@ class TrainTransform:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         return to_chw_uint8(self.transform(img))
+
+
+def random_resized_crop_box(
+    rng: np.random.Generator, height: int, width: int, scale, ratio
+) -> tuple[int, int, int, int]:
+    """(left, top, width, height) of a random-resized-crop window, drawn from ``rng``.
+
+    The usual Inception-style rule: up to 10 tries of an area fraction uniform in ``scale`` and an
+    aspect ratio log-uniform in ``ratio``; if no window fits, the largest centred one within ``ratio``.
+    The DALI backend draws its windows here (from each sample's own generator) and hands them to DALI.
+    """
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        area = height * width * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(area * aspect)))
+        h = int(round(math.sqrt(area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+    if width / height < ratio[0]:
+        w, h = width, min(height, max(1, int(round(width / ratio[0]))))
+    elif width / height > ratio[1]:
+        w, h = min(width, max(1, int(round(height * ratio[1])))), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h

@@ -174,6 +174,8 @@ class AttnDistill(Method):
             raise ValueError("interpolate=True needs exact_official=True (the resize acts on probabilities)")
 
         self.projector = build_projector(int(s.embed_dim), int(t.embed_dim), proj_layers)
+        # the attention forward's LSEs serve the kernel path when it compares the heads at their own scale
+        self._record = ("q", "k") if self.exact_official or self.aggregation else ("q", "k", "lse")
 
     # ---- pieces ----------------------------------------------------------------------------------
     @staticmethod
@@ -187,7 +189,7 @@ class AttnDistill(Method):
         store = {}
         hook = self.student.blocks[-1].register_forward_hook(lambda m, i, o: store.__setitem__("x", o))
         try:
-            with AttentionTaps(self.student, blocks=[-1], record="qk") as taps:
+            with AttentionTaps(self.student, blocks=[-1], record=self._record) as taps:
                 self.student.forward_features(images)
                 rec = taps[-1]
         finally:
@@ -195,7 +197,7 @@ class AttnDistill(Method):
         return store["x"], rec
 
     def _teacher_forward(self, images: torch.Tensor):
-        with torch.no_grad(), AttentionTaps(self.teachers[0], blocks=[-1], record="qk") as taps:
+        with torch.no_grad(), AttentionTaps(self.teachers[0], blocks=[-1], record=self._record) as taps:
             c_t = self.teachers[0].forward_features(images)[:, 0]
             rec = taps[-1]
         return c_t.float(), rec
@@ -204,11 +206,14 @@ class AttnDistill(Method):
         """``ĉ_S``: the CLS token of the last block's output through the projector (per-token ops: CLS only)."""
         return self.projector(tokens[:, 0])
 
-    def attention_loss(self, q_s, k_s, scale_s, q_t, k_t, scale_t) -> torch.Tensor:
-        """The official attention KL from the last block's ``q, k`` (``[B, H, N, d]``) of both models."""
+    def attention_loss(self, q_s, k_s, scale_s, q_t, k_t, scale_t, lse_s=None, lse_t=None) -> torch.Tensor:
+        """The official attention KL from the last block's ``q, k`` (``[B, H, N, d]``) of both models.
+
+        ``lse_s``, ``lse_t``: the attention forward's ``[B, H, N]`` LSEs at ``scale_s``/``scale_t`` where the taps
+        recorded them (used by the ``exact_official=False`` kernel path when no tokens are dropped)."""
         ks_idx, kt_idx = self._keys(self.ls), self._keys(self.lt)
         if not self.exact_official:
-            return self._attention_loss_kernel(q_s, k_s, scale_s, q_t, k_t, scale_t, ks_idx, kt_idx)
+            return self._attention_loss_kernel(q_s, k_s, scale_s, q_t, k_t, scale_t, ks_idx, kt_idx, lse_s, lse_t)
         if ks_idx is not None:
             k_s = k_s[:, :, ks_idx.to(k_s.device)]
         if kt_idx is not None:
@@ -237,12 +242,16 @@ class AttnDistill(Method):
             log_a = resize_teacher_row(cls_row_probs(q, k, scale), src_grid, self.ls.grid).clamp_min(1e-12).log()
         return torch.softmax(log_a.sum(dim=1) / self.t_agg, dim=-1)
 
-    def _attention_loss_kernel(self, q_s, k_s, scale_s, q_t, k_t, scale_t, ks_idx, kt_idx) -> torch.Tensor:
+    def _attention_loss_kernel(
+        self, q_s, k_s, scale_s, q_t, k_t, scale_t, ks_idx, kt_idx, lse_s=None, lse_t=None
+    ) -> torch.Tensor:
         """``exact_official=False``: logit-space KL through attention_kl, CLS row only, no clamp."""
-        if ks_idx is not None:  # drop extra tokens (both q and k: row 0 is CLS either way)
+        if ks_idx is not None:  # drop extra tokens (both q and k: row 0 is CLS either way); another softmax
             q_s, k_s = q_s[:, :, ks_idx.to(q_s.device)], k_s[:, :, ks_idx.to(k_s.device)]
+            lse_s = None
         if kt_idx is not None:
             q_t, k_t = q_t[:, :, kt_idx.to(q_t.device)], k_t[:, :, kt_idx.to(k_t.device)]
+            lse_t = None
         q_t, k_t = q_t.detach(), k_t.detach()
         rows = torch.zeros(1, dtype=torch.long, device=q_s.device)
         if self.aggregation:  # Σ_h q_h·k_h = concat_h(q_h)·concat_h(k_h): one "head" of width H·d
@@ -254,7 +263,10 @@ class AttnDistill(Method):
                 cat(q_s), cat(k_s), cat(q_t), cat(k_t), scale_s=scale_s / self.t_agg, scale_t=scale_t / self.t_agg,
                 rows=rows, reduction="batchmean",
             )  # fmt: skip
-        return attention_kl(q_s, k_s, q_t, k_t, scale_s=scale_s, scale_t=scale_t, rows=rows, reduction="batchmean")
+        return attention_kl(
+            q_s, k_s, q_t, k_t, scale_s=scale_s, scale_t=scale_t, rows=rows, reduction="batchmean",
+            lse_s=lse_s, lse_t=lse_t,
+        )  # fmt: skip
 
     # ---- Method API ------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -265,7 +277,7 @@ class AttnDistill(Method):
         if c_s.shape != c_t.shape:
             raise ValueError(f"projected student CLS {tuple(c_s.shape)} != teacher CLS {tuple(c_t.shape)}")
         mse = F.mse_loss(c_s.float(), c_t)
-        attn = self.attention_loss(rec_s.q, rec_s.k, rec_s.scale, rec_t.q, rec_t.k, rec_t.scale)
+        attn = self.attention_loss(rec_s.q, rec_s.k, rec_s.scale, rec_t.q, rec_t.k, rec_t.scale, rec_s.lse, rec_t.lse)
         return {"loss": self.w_cls * mse + self.w_attn * attn, "cls": mse, "attn": attn}
 
     def features(self, images: torch.Tensor) -> torch.Tensor:

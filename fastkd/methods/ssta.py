@@ -275,10 +275,16 @@ class SSTA(Method):
                 "grids: run every model at the image size it was built for"
             )
         key_mask = rows = None
+        # the LSEs the attention forward computed (natural log, [B, H, N]) hold for the kernel's logits only at
+        # the attention's own scale (tau = 1) and on the unchanged token set of each side
+        own_scale = self.tau == 1.0
+        lse_s = rec_s.lse if own_scale else None
+        lse_t = rec_t.lse[:, teacher_head : teacher_head + 1] if own_scale and rec_t.lse is not None else None
         if len(idx_s) == N_s:  # the student has no extra token: take the teacher's canonical tokens
             if len(idx_t) != rec_t.q.shape[2]:
                 it = torch.tensor(idx_t, device=dev)
                 q_t, k_t = q_t[:, :, it], k_t[:, :, it]
+                lse_t = None  # keys dropped: another softmax
         else:  # drop the student's extra tokens through key_mask (columns) and rows
             it, is_ = torch.tensor(idx_t, device=dev), torch.tensor(idx_s, device=dev)
             pad_q = q_t.new_zeros(B, 1, N_s, q_t.shape[-1])
@@ -289,11 +295,13 @@ class SSTA(Method):
             key_mask = torch.zeros(N_s, dtype=torch.bool, device=dev)
             key_mask[is_] = True
             rows = is_
+            lse_s = lse_t = None  # masked keys: another softmax (and key_mask with given LSEs is not supported)
         if self.rows == "cls":
             rows = torch.tensor([idx_s[0]], device=dev)
         return attention_kl(
             q_s, k_s, q_t, k_t, pairs=[(student_head, 0)], scale_s=rec_s.scale / self.tau,
             scale_t=rec_t.scale / self.tau, rows=rows, key_mask=key_mask, reduction="mean", direction=self.direction,
+            lse_s=lse_s, lse_t=lse_t,
         )  # fmt: skip
 
     # ---- Method API ----------------------------------------------------------------------------------
@@ -310,16 +318,17 @@ class SSTA(Method):
             self._auto_select(images, batch.get("labels"))
         h_t, h_a = (int(h) for h in self.heads.tolist())
         teacher, ta = self.teachers
-        with AttentionTaps(self.student, blocks=[self.layers["student"]], record="qk") as s_taps:
+        record = ("q", "k", "lse") if self.tau == 1.0 else ("q", "k")  # see _attention_term
+        with AttentionTaps(self.student, blocks=[self.layers["student"]], record=record) as s_taps:
             z_cls, z_kd = self._student_logits(images)
             rec_s = s_taps[self.layers["student"]]
         with torch.no_grad():
-            with AttentionTaps(teacher, blocks=[self.layers["teacher"]], record="qk") as t_taps:
+            with AttentionTaps(teacher, blocks=[self.layers["teacher"]], record=record) as t_taps:
                 z_t = as_logits(teacher(images), "teachers[0]").float() if self.logit_kd != "none" else None
                 if z_t is None:
                     teacher.forward_features(images)
                 rec_t = t_taps[self.layers["teacher"]]
-            with AttentionTaps(ta, blocks=[self.layers["ta"]], record="qk") as a_taps:
+            with AttentionTaps(ta, blocks=[self.layers["ta"]], record=record) as a_taps:
                 ta.forward_features(images)
                 rec_a = a_taps[self.layers["ta"]]
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fastkd.data import dali_available
 from fastkd.data.prepare import skimage_photo_paths
 
 CLASSES = ("cat", "astronaut", "coffee")  # written out of sorted order on purpose
@@ -63,3 +64,7 @@ def base_cfg(root: str, backend: str, **kw) -> dict:
 
 
 BACKENDS = ("dali", "torch")
+
+# DALI is an optional extra: without it, the tests that need it skip and say why
+needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed (pip install fastkd[dali])")
+BACKEND_PARAMS = [pytest.param("dali", marks=needs_dali), "torch"]

@@ -85,7 +85,24 @@ def test_bad_arguments(folder):
 def test_auto_backend_reports_its_choice(folder, caplog):
     import logging
 
+    from fastkd.data import dali_available
+
     with caplog.at_level(logging.INFO, logger="fastkd.data"):
         loader = build_loader(base_cfg(folder, "auto"), "val")
-    assert loader.backend == "dali"  # DALI is installed here
-    assert any("data backend: dali (auto" in r.getMessage() for r in caplog.records)
+    expected = "dali" if dali_available() else "torch"  # DALI is an optional extra
+    assert loader.backend == expected
+    assert any(f"data backend: {expected} (auto" in r.getMessage() for r in caplog.records)
+
+
+def test_missing_dali_names_the_extra(folder, monkeypatch):
+    """Without DALI (simulated: its import fails), backend='dali' says which extra to install and
+    backend='auto' falls back to torchvision."""
+    import sys
+
+    from fastkd.data import dali_available
+
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # `import nvidia.dali` now raises ImportError
+    assert not dali_available()
+    with pytest.raises(ImportError, match=r"backend='dali'.*pip install fastkd\[dali\]"):
+        build_loader(base_cfg(folder, "dali"), "train")
+    assert build_loader(base_cfg(folder, "auto"), "val").backend == "torch"

@@ -63,7 +63,7 @@ def test_prepare_photos_and_load(tmp_path):
         == 0
     )
     assert len(os.listdir(os.path.join(out, "train"))) == 10
-    loader = build_loader(dict(root=out, backend="dali", device="cpu", img_size=32, batch_size=8), "val")
+    loader = build_loader(dict(root=out, backend="auto", device="cpu", img_size=32, batch_size=8), "val")
     batch = next(iter(loader))
     assert loader.num_classes == 10 and batch["images"].shape == (8, 3, 32, 32)
     wds = build_loader(dict(root=out, val_path=f"{out}/wds/val", backend="torch", device="cpu", img_size=32), "val")

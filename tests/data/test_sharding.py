@@ -10,8 +10,9 @@ import torch
 
 from fastkd.data import build_loader
 from fastkd.data import sharding
-from tests.data.conftest import BACKENDS
+from tests.data.conftest import BACKEND_PARAMS
 from tests.data.conftest import base_cfg
+from tests.data.conftest import needs_dali
 
 # (num_samples, world_size): divisible, ragged, fewer samples than ranks
 _SHARD_PARAMS = ("n, world", [(12, 3), (21, 2), (21, 4), (5, 8), (1, 2), (100, 7)])
@@ -49,7 +50,7 @@ def test_epoch_order_depends_on_seed_and_epoch():
     np.testing.assert_array_equal(a, sharding.epoch_order(50, 0, 1, True))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("world", [2, 4])
 def test_ranks_cover_epoch_exactly_once(folder, backend, world):
     """Loaders of simulated ranks: same number of batches, every sample once (padding aside), two epochs."""
@@ -70,7 +71,7 @@ def test_ranks_cover_epoch_exactly_once(folder, backend, world):
     assert orders[0] != orders[1]  # reshuffled per epoch
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_drop_last_and_drop_policy_lengths(folder, backend):
     cfg = base_cfg(folder, backend, batch_size=4, shard_policy="drop", drop_last=True)
     loaders = [build_loader(cfg, "train", rank=r, world_size=2) for r in range(2)]
@@ -78,7 +79,7 @@ def test_drop_last_and_drop_policy_lengths(folder, backend):
     assert counts == [[4, 4], [4, 4]]  # 21 -> 10 per rank -> two full batches, the rest dropped
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_resume_mid_epoch_yields_exactly_the_rest(folder, backend):
     cfg = base_cfg(folder, backend, batch_size=3, seed=9)
     full = build_loader(cfg, "train", rank=1, world_size=2)
@@ -117,7 +118,7 @@ def test_resume_state_validation(folder):
     assert (loader.epoch, loader.position) == (5, 0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_abandoned_epoch_then_fresh_epoch(folder, backend):
     """Breaking out of an epoch (batches still in flight) does not leak them into the next one."""
     loader = build_loader(base_cfg(folder, backend, batch_size=2), "train")
@@ -129,6 +130,7 @@ def test_abandoned_epoch_then_fresh_epoch(folder, backend):
     assert sorted(index.tolist()) == list(range(21))
 
 
+@needs_dali
 def test_dali_pipeline_reused_across_epochs(folder):
     """A trainer takes exactly len(loader) batches and never asks for the end of the epoch; the DALI
     pipeline is still reused for the next epoch (rebuilding it costs seconds on a GPU)."""

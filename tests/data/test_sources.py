@@ -12,7 +12,7 @@ from fastkd.data import build_loader
 from fastkd.data import write_filelists
 from fastkd.data import write_webdataset
 from fastkd.data.sources import open_filelist
-from tests.data.conftest import BACKENDS
+from tests.data.conftest import BACKEND_PARAMS
 from tests.data.conftest import base_cfg
 
 
@@ -35,7 +35,7 @@ def test_writers(three_formats):
     assert len([s for s in shards if "/train/" in s]) == 6  # 21 samples / 4 per shard
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_sources_agree(three_formats, backend, split):
     root, _, _ = three_formats

@@ -15,6 +15,8 @@ from fastkd.methods import build
 from fastkd.models import Teacher
 from tests.engine.helpers import MemoryLoader
 from tests.engine.helpers import tiny_vit
+from tests.utils import assert_close_rel
+from tests.utils import tol
 
 
 def _cfg(tmp_path, name, *extra):
@@ -159,4 +161,4 @@ def test_accumulation_matches_one_big_batch(tmp_path):
         tr.train()
         outs.append(_params(tr))
     for k in outs[0]:
-        torch.testing.assert_close(outs[0][k], outs[1][k], rtol=1e-5, atol=1e-6, msg=k)
+        assert_close_rel(outs[0][k], outs[1][k], 2 * tol(torch.float32, 8 * 5), k)  # 2 fp32 sums of 8x5 token terms

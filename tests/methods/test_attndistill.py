@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import timm
 import torch
@@ -12,6 +14,7 @@ import fastkd.methods as M
 from fastkd.models import Teacher
 from fastkd.models.teacher import IMAGENET_MEAN
 from fastkd.models.teacher import IMAGENET_STD
+from tests.methods._common import check_against_oracle
 from tests.methods._common import check_method_recipes
 from tests.methods._common import train_losses
 
@@ -96,9 +99,20 @@ def reference_loss(method, student, teacher, x, *, w_cls=1.0, w_attn=0.1, t_agg=
         a_t = a_t.clamp(1e-5, 0.996)
         a_t = a_t / a_t.sum(-1, keepdim=True)
     kl = (a_t * (a_t.log() - a_s.log())).sum() / B
+    # the KL is a difference of terms of this size: the scale of its rounding error
+    magnitude = float((a_t * (a_t.log().abs() + a_s.log().abs())).sum().detach()) / B
     c_s = reference_projector(method.projector, tok_s[:, 0])
     mse = ((c_s - final_t[:, 0]) ** 2).mean()
-    return w_cls * mse + w_attn * kl, mse, kl
+    return w_cls * mse + w_attn * kl, mse, kl, magnitude
+
+
+
+def oracle(method, teacher, inputs, **ref_kw):
+    """reference_loss as the parts (and magnitudes) that check_against_oracle compares."""
+    loss, mse, kl, magnitude = reference_loss(method, method.student, teacher, inputs["images"], **ref_kw)
+    w_attn = ref_kw.get("w_attn", 0.1)
+    values = {"loss": loss, "cls": mse, "attn": kl}
+    return values, {"attn": magnitude, "loss": float(loss.detach()) + w_attn * magnitude}
 
 
 def grads(module):
@@ -117,29 +131,28 @@ _CASES = ("teacher_kw, method_kw, ref_kw", [
 ])
 
 
+def _run(method, x):
+    method.zero_grad()
+    out = method({"images": x})
+    out["loss"].backward()
+    return out, grads(method)
+
+
 @pytest.mark.parametrize(*_CASES)
 def test_matches_reference(teacher_kw, method_kw, ref_kw):
     student, teacher = vit(seed=0), vit(seed=1, **teacher_kw)
     method = M.build("attndistill", student=student, teachers=[wrap(teacher)], **method_kw)
     assert method.self_supervised
     x = images()
-    out = method({"images": x})
-    out["loss"].backward()
-    g_method = grads(method)
-    method.zero_grad()
-    ref, mse, kl = reference_loss(method, student, teacher, x, **ref_kw)
-    ref.backward()
-    g_ref = grads(method)
-    torch.testing.assert_close(out["cls"], mse, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(out["attn"], kl, rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(out["loss"], ref, rtol=1e-5, atol=1e-7)
+    out, g_method = _run(method, x)
+    check_against_oracle(out, g_method, functools.partial(oracle, **ref_kw), (method, teacher), {"images": x},
+                         parts=("loss", "cls", "attn"))
+    ref, _, kl, _ = reference_loss(method, student, teacher, x, **ref_kw)
     assert float(kl) > 1e-3
     if teacher_kw.get("sharp") and not method.aggregation:  # the clamp changes the loss here: covered
-        _, _, kl_free = reference_loss(method, student, teacher, x, clamp=False, **ref_kw)
-        assert abs(float(kl_free) - float(kl)) > 3e-4 * float(kl)  # > the 1e-4 tolerance above
-    assert set(g_method) == set(g_ref) and any(n.startswith("projector") for n in g_ref)
-    for n in g_ref:
-        torch.testing.assert_close(g_method[n], g_ref[n], rtol=1e-4, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
+        _, _, kl_free, _ = reference_loss(method, student, teacher, x, clamp=False, **ref_kw)
+        assert abs(float(kl_free) - float(kl)) > 3e-4 * float(kl)  # >1000x the fp32 rounding of kl
+    assert any(n.startswith("projector") for n in g_method)
 
 
 def test_projector_layout():
@@ -156,32 +169,26 @@ def test_distillation_token_student():
     student, teacher = vit(seed=0, distilled=True), vit(seed=1, embed_dim=24, heads=2)
     method = M.build("attndistill", student=student, teachers=[wrap(teacher)])
     x = images()
-    out = method({"images": x})
-    ref, _, kl = reference_loss(method, student, teacher, x, drop_dist=True)
-    torch.testing.assert_close(out["attn"], kl, rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(out["loss"], ref, rtol=1e-5, atol=1e-7)
+    out, g = _run(method, x)
+    check_against_oracle(out, g, functools.partial(oracle, drop_dist=True), (method, teacher), {"images": x},
+                         parts=("loss", "attn"))
     kernel = M.build("attndistill", student=student, teachers=[wrap(teacher)], exact_official=False, clamp=None)
-    _, _, kl_free = reference_loss(kernel, student, teacher, x, drop_dist=True, clamp=False)
-    torch.testing.assert_close(kernel({"images": x})["attn"], kl_free, rtol=1e-4, atol=1e-7)
+    out, g = _run(kernel, x)
+    check_against_oracle(out, g, functools.partial(oracle, drop_dist=True, clamp=False), (kernel, teacher),
+                         {"images": x}, parts=("loss", "attn"))
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])  # streaming torch; Triton (interpreter on CPU)
+@pytest.mark.parametrize("impl", ["torch", "triton", "reference"])  # Triton: the interpreter on the CPU
 @pytest.mark.parametrize("teacher_kw", [{"embed_dim": 24, "heads": 2}, {"embed_dim": 48, "heads": 4}])
-def test_streaming_equals_reference_kernel(monkeypatch, teacher_kw, impl):
+def test_every_kernel_matches_reference(monkeypatch, teacher_kw, impl):
+    """Each attention_kl implementation, used by the method, against the fp64 reference of the whole loss."""
     student, teacher = vit(seed=0), vit(seed=1, **teacher_kw)
     method = M.build("attndistill", student=student, teachers=[wrap(teacher)], exact_official=False, clamp=None)
+    monkeypatch.setenv("FASTKD_KERNELS", impl)
     x = images()
-    res = {}
-    for name in ("reference", impl):
-        monkeypatch.setenv("FASTKD_KERNELS", name)
-        method.zero_grad()
-        out = method({"images": x})
-        out["loss"].backward()
-        res[name] = (out, grads(method))
-    (o_r, g_r), (o_t, g_t) = res["reference"], res[impl]
-    torch.testing.assert_close(o_t["attn"], o_r["attn"], rtol=1e-5, atol=1e-8)
-    for n in g_r:
-        torch.testing.assert_close(g_t[n], g_r[n], rtol=1e-4, atol=1e-8)
+    out, g = _run(method, x)
+    check_against_oracle(out, g, functools.partial(oracle, clamp=False), (method, teacher), {"images": x},
+                         parts=("loss", "attn"))
 
 
 def test_training_reduces_loss():

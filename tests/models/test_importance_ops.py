@@ -9,8 +9,8 @@ import torch
 
 from fastkd import importance_ops as ops
 from fastkd.kernels import head_importance_torch
-from fastkd.kernels import reference as ref
 from tests.utils import assert_close_rel
+from tests.utils import tol
 
 # (B, H, N, d, d_v): ViT-S/16 at 224 (N=197), an odd N and head dim, a single row, a mid-size power-of-2-ish
 SHAPES = [(1, 2, 197, 64, 64), (2, 3, 37, 24, 40), (2, 2, 1, 16, 16), (1, 2, 70, 32, 32)]
@@ -30,6 +30,43 @@ def _lse(q, k, scale):
     return torch.logsumexp(scale * q.double() @ k.double().transpose(-1, -2), -1).float()
 
 
+# ------------------------------------------------------------------------- fp64 oracles, written here on purpose
+# Independent of fastkd.kernels.reference: explicit einsums, torch.distributions for the entropy. Each returns
+# (score [B, H], magnitude [B, H]): the magnitude is the sum of |terms| whose (signed) sum the score is, the scale
+# of its rounding error (tests/utils.py).
+def _probs(q, k, scale):
+    logits = scale * torch.einsum("bhid,bhjd->bhij", q.double(), k.double())
+    return torch.softmax(logits, -1), logits
+
+
+def attribution_oracle(q, k, v, do, scale):
+    p, _ = _probs(q, k, scale)
+    dp = torch.einsum("bhic,bhjc->bhij", do.double(), v.double())
+    # dP_ij = dO_i . v_j is a signed d_v-term sum: its rounding scales with sum_c |dO_ic v_jc|
+    dp_terms = torch.einsum("bhic,bhjc->bhij", do.double().abs(), v.double().abs())
+    return (p * dp).abs().sum((-1, -2)), (p * dp_terms).sum((-1, -2))
+
+
+def entropy_oracle(q, k, scale):
+    p, logits = _probs(q, k, scale)
+    ent = torch.distributions.Categorical(logits=logits).entropy().mean(-1)
+    # implementations compute lse - sum_j p_j t_j
+    magnitude = (logits.logsumexp(-1).abs() + (p * logits.abs()).sum(-1)).mean(-1)
+    return ent, magnitude
+
+
+def gradient_oracle(q, k, v, do, scale):
+    p, _ = _probs(q, k, scale)
+    terms = torch.einsum("bhij,bhjc->bhic", p, v.double()) * do.double()
+    return terms.sum((-1, -2)).abs(), terms.abs().sum((-1, -2))
+
+
+def check_score(got, oracle_out, dtype, depth, name):
+    """Scores are accumulated in fp32 whatever the input dtype (inputs are rounded before the oracle sees them)."""
+    want, magnitude = oracle_out
+    assert_close_rel(got, want, tol(torch.float32, depth), name, scale=magnitude)
+
+
 # the streaming implementations with and without a given LSE; the forced reference path (always materializes)
 IMPL_LSE = [("torch", False), ("torch", True), ("triton", False), ("triton", True), ("reference", False)]
 
@@ -45,32 +82,25 @@ def test_attribution_and_entropy_match_reference(monkeypatch, impl, shape, with_
     a = ops.attribution_importance(q, k, v, do, scale=scale, lse=lse)
     e = ops.entropy_importance(q, k, scale=scale, lse=lse)
     assert a.shape == (B, H) and e.shape == (B, H) and a.dtype == torch.float32
-    assert_close_rel(a, ref.attribution_importance_reference(q, k, v, do, scale), 2e-5, f"{impl} attribution")
-    assert_close_rel(e, ref.entropy_importance_reference(q, k, scale), 2e-5, f"{impl} entropy", atol=2e-6)
+    check_score(a, attribution_oracle(q, k, v, do, scale), q.dtype, N * max(d, dv), f"{impl} attribution")
+    check_score(e, entropy_oracle(q, k, scale), q.dtype, N * d, f"{impl} entropy")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_gradient_score_matches_reference(monkeypatch, impl):
     monkeypatch.setenv("FASTKD_KERNELS", impl)
     q, k, v, do = _inputs(2, 3, 197, 32, 32)
-    expected = ref.gradient_importance_reference(q, k, v, do, 32**-0.5)
+    depth = 197 * 32
+    expected = gradient_oracle(q, k, v, do, 32**-0.5)
     got = ops.head_importance(q, k, v, do, score="gradient")  # recomputes out from q, k, v
-    assert_close_rel(got, expected, 2e-5, f"{impl} gradient")
+    check_score(got, expected, q.dtype, depth, f"{impl} gradient")
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    assert_close_rel(ops.gradient_importance(out, do), expected, 2e-5, "gradient from out")
+    check_score(ops.gradient_importance(out, do), expected, q.dtype, depth, "gradient from out")
     # the dispatcher routes the other kinds to the same ops
-    assert_close_rel(
-        ops.head_importance(q, k, v, do, score="attribution"),
-        ref.attribution_importance_reference(q, k, v, do, 32**-0.5),
-        2e-5,
-        "head_importance attribution",
-    )
-    assert_close_rel(
-        ops.head_importance(q, k, score="entropy"),
-        ref.entropy_importance_reference(q, k, 32**-0.5),
-        2e-5,
-        "head_importance entropy",
-    )
+    check_score(ops.head_importance(q, k, v, do, score="attribution"), attribution_oracle(q, k, v, do, 32**-0.5),
+                q.dtype, depth, "head_importance attribution")
+    check_score(ops.head_importance(q, k, score="entropy"), entropy_oracle(q, k, 32**-0.5), q.dtype, depth,
+                "head_importance entropy")
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
@@ -80,19 +110,9 @@ def test_low_precision_inputs(monkeypatch, impl, dtype):
     monkeypatch.setenv("FASTKD_KERNELS", impl)
     q, k, v, do = _inputs(1, 2, 50, 64, 64, dtype=dtype)
     scale = 64**-0.5
-    assert_close_rel(
-        ops.attribution_importance(q, k, v, do),
-        ref.attribution_importance_reference(q, k, v, do, scale),
-        1e-4,
-        f"{impl} {dtype} attribution",
-    )
-    assert_close_rel(
-        ops.entropy_importance(q, k),
-        ref.entropy_importance_reference(q, k, scale),
-        1e-4,
-        f"{impl} {dtype} entropy",
-        atol=1e-5,
-    )
+    check_score(ops.attribution_importance(q, k, v, do), attribution_oracle(q, k, v, do, scale), dtype, 50 * 64,
+                f"{impl} {dtype} attribution")
+    check_score(ops.entropy_importance(q, k), entropy_oracle(q, k, scale), dtype, 50 * 64, f"{impl} {dtype} entropy")
 
 
 def test_streaming_torch_chunks_and_strides():
@@ -103,27 +123,24 @@ def test_streaming_torch_chunks_and_strides():
     scale = d**-0.5
     a = head_importance_torch.attribution_importance(q, k, v, do, scale, chunk_rows=7)
     e = head_importance_torch.entropy_importance(q, k, scale, chunk_rows=7)
-    assert_close_rel(a, ref.attribution_importance_reference(q, k, v, do, scale), 1e-5, "chunked attribution")
-    assert_close_rel(e, ref.entropy_importance_reference(q, k, scale), 1e-5, "chunked entropy", atol=1e-6)
+    check_score(a, attribution_oracle(q, k, v, do, scale), q.dtype, N * d, "chunked attribution")
+    check_score(e, entropy_oracle(q, k, scale), q.dtype, N * d, "chunked entropy")
 
 
 def test_triton_non_contiguous(monkeypatch):
     monkeypatch.setenv("FASTKD_KERNELS", "triton")
     B, N, H, d = 1, 33, 2, 16
     q, k, v, do = (torch.randn(B, N, H, d).transpose(1, 2) for _ in range(4))
-    assert_close_rel(
-        ops.attribution_importance(q, k, v, do),
-        ref.attribution_importance_reference(q, k, v, do, 0.25),
-        2e-5,
-        "strided attribution",
-    )
+    check_score(ops.attribution_importance(q, k, v, do), attribution_oracle(q, k, v, do, 0.25), q.dtype, N * d,
+                "strided attribution")
 
 
 def test_entropy_limits():
     """Uniform rows (q = 0) have entropy log N; one dominant key per row gives ~0."""
     q = torch.zeros(1, 2, 10, 16)
     k = torch.randn(1, 2, 10, 16)
-    assert_close_rel(ops.entropy_importance(q, k), torch.full((1, 2), math.log(10)), 1e-6, "uniform")
+    assert_close_rel(ops.entropy_importance(q, k), torch.full((1, 2), math.log(10)), tol(torch.float32, 10 * 16),
+                     "uniform")
     k = torch.zeros(1, 1, 10, 16)
     k[..., 3, 0] = 1.0
     q = torch.zeros(1, 1, 10, 16)
@@ -161,10 +178,10 @@ def test_bad_inputs_name_the_argument():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(8, 6, 197, 64, 64), (4, 12, 577, 64, 64), (2, 6, 785, 64, 64)])
 @pytest.mark.parametrize("with_lse", [False, True])
-def test_triton_on_gpu_matches_reference(monkeypatch, shape, dtype, tol, with_lse):
+def test_triton_on_gpu_matches_reference(monkeypatch, shape, dtype, with_lse):
     """The compiled kernels at ViT shapes, against the fp64 references computed on the same (rounded) inputs."""
     monkeypatch.setenv("FASTKD_KERNELS", "triton")
     d = shape[3]
@@ -173,6 +190,7 @@ def test_triton_on_gpu_matches_reference(monkeypatch, shape, dtype, tol, with_ls
     lse = _lse(q, k, scale) if with_lse else None
     a = ops.attribution_importance(q, k, v, do, scale=scale, lse=lse).cpu()
     e = ops.entropy_importance(q, k, scale=scale, lse=lse).cpu()
-    q64, k64, v64, do64 = (t.double() for t in (q, k, v, do))
-    assert_close_rel(a, ref.attribution_importance_reference(q64, k64, v64, do64, scale), tol, "gpu attribution")
-    assert_close_rel(e, ref.entropy_importance_reference(q64, k64, scale), tol, "gpu entropy", atol=1e-4)
+    q, k, v, do = (t.cpu() for t in (q, k, v, do))
+    N = shape[2]
+    check_score(a, attribution_oracle(q, k, v, do, scale), dtype, N * d, "gpu attribution")
+    check_score(e, entropy_oracle(q, k, scale), dtype, N * d, "gpu entropy")
