@@ -46,3 +46,24 @@ def test_too_few_batches_is_a_clear_error(tmp_path):
             "--out", str(tmp_path / "out")]
     with pytest.raises(SystemExit, match="--images"):
         mod.main(argv)
+
+
+def test_without_dali_torch_is_measured_and_dali_recorded(tmp_path, monkeypatch):
+    """An install without DALI still benchmarks torchvision; DALI gets a not-applicable row with the reason."""
+    pytest.importorskip("PIL")
+    import fastkd.data
+
+    monkeypatch.setattr(fastkd.data, "dali_available", lambda: False)
+    mod = load("data_pipeline")
+    import _common as C
+
+    out = tmp_path / "out"
+    argv = ["--images", "24", "--width", "80", "--height", "60", "--workers", "1", "--img-size", "32",
+            "--batch-size", "4", "--warmup-batches", "2", "--modes", "val", "--data", str(tmp_path / "jpegs"),
+            "--out", str(out)]
+    assert mod.main(argv) == 0
+    rows = C.read_rows(out / "data_pipeline_cpu.csv")
+    (dali,) = [r for r in rows if r["provider"] == "dali"]
+    assert dali["status"] == "not_applicable" and "DALI is not installed" in dali["note"]
+    assert {r["metric"] for r in rows if r["provider"] == "torch" and r["status"] == "ok"} == {
+        "batch_time", "timed_window", "images_per_s", "cpu_cores_used", "images_per_cpu_s"}
