@@ -125,7 +125,7 @@ def run_eval(args) -> int:
     if not os.path.isfile(args.checkpoint):
         print(f"fastkd eval: --checkpoint {args.checkpoint}: no such file", file=sys.stderr)
         return 2
-    from fastkd.engine.evaluator import Evaluator
+    from fastkd.engine.evaluate import Evaluator
 
     try:
         ev = Evaluator(cfg, local_rank=_local_rank(args))

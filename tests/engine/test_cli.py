@@ -24,7 +24,6 @@ def _teacher(i: int) -> list[str]:
 
 # used when the method has no fastkd/recipes/<name>_tiny.yaml (shipped tiny recipes take precedence)
 FALLBACK = {
-    "supervised": [],
     "hinton": _teacher(0),
     "deit": _teacher(0) + ["student.name=deit_tiny_distilled_patch16_224"],
     "ssta": _teacher(0) + _teacher(1) + ["method.params.teacher_head=0", "method.params.ta_head=1",
@@ -51,7 +50,7 @@ def _tiny_recipe(name):
         return None
 
 
-@pytest.mark.parametrize("name", sorted(set(methods.available()) | {"supervised"}))
+@pytest.mark.parametrize("name", methods.available())
 def test_train_every_method(name, tmp_path, tiny_data, capsys):
     recipe = _tiny_recipe(name)
     extra: list[str] = []
