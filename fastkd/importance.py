@@ -46,7 +46,8 @@ from fastkd.importance_ops import gradient_importance
 LOSSES = ("auto", "ce", "pseudo", "feature-norm", "self-kl")
 _NEEDS_GRAD = ("gradient", "attribution")
 
-__all__ = ["LOSSES", "add_importance_arguments", "compute_importance", "rank_heads", "run_importance", "write_heatmap", "build_eval_loader"]
+__all__ = ["LOSSES", "add_importance_arguments", "compute_importance", "rank_heads", "run_importance", "write_heatmap",
+           "build_eval_loader"]
 
 
 # ------------------------------------------------------------------------------------------------------ data
