@@ -86,9 +86,8 @@ class Trainer:
     """Builds a run from a :class:`~fastkd.config.Config` and trains it.
 
     The pieces can be injected (tests, benchmarks, the demo): ``method`` (a :class:`fastkd.methods.Method` with
-    its teachers), ``train_loader``,
-    ``val_loader``, ``bank_loader`` (k-NN feature bank). Missing ones are built from the config with
-    ``fastkd.data`` / ``fastkd.models`` / ``fastkd.methods``.
+    its teachers), ``train_loader``, ``val_loader``, ``bank_loader`` (k-NN feature bank). Missing ones are built
+    from the config with ``fastkd.data`` / ``fastkd.models`` / ``fastkd.methods``.
     """
 
     def __init__(

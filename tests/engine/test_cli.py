@@ -145,4 +145,6 @@ def test_python_m_fastkd_train_resume_eval(tmp_path, tiny_data):
     r = run_cli(["eval", "--config", str(recipe), *common, "--ema", "--checkpoint",
                  str(tmp_path / "a" / "ckpt" / "last.pt")], cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
+    ema_top1 = float(next(line for line in r.stdout.splitlines() if "top1" in line).split("|")[2])
+    assert ema_top1 == pytest.approx(full["metrics"]["ema_top1"], abs=0.01)  # the run's own EMA evaluation
     assert sys.executable

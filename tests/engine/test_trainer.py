@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from fastkd.config import load_config
 from fastkd.engine import checkpoint as ckpt
+from fastkd.engine.evaluate import evaluate_topk
 from fastkd.engine.trainer import NonFiniteLossError
 from fastkd.engine.trainer import Trainer
 from fastkd.methods import build
@@ -101,6 +103,14 @@ def test_checkpoint_contents_and_logs(tmp_path):
     assert lrs[1] > lrs[0] and lrs[-1] < lrs[2]
     evals = [r for r in records if r["kind"] == "eval"]
     assert len(evals) == 2 and "top1" in evals[-1] and "ema_top1" in evals[-1]
+    # the method evaluates its EMA student (not the trained one) when asked, and the log holds that accuracy
+    method = tr.method.eval()
+    images = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(method.predict(images, ema=True), method.ema.module(images), rtol=0, atol=0)
+        assert not torch.equal(method.predict(images, ema=True), method.predict(images))
+    ema = evaluate_topk(functools.partial(method.predict, ema=True), tr.val_loader)
+    assert evals[-1]["ema_top1"] == ema["top1"] and evals[-1]["ema_top5"] == ema["top5"]
     assert summary["steps"] == 10 and "top1" in summary
     assert (run / "summary.json").is_file()
 
