@@ -37,10 +37,10 @@ def load_script(name: str):
     return module
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("which", choices=sorted(SCRIPTS), help="; ".join(f"{k}: {v[1]}" for k, v in SCRIPTS.items()))
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="options passed to the benchmark script")
 
 
-def run(args: argparse.Namespace) -> int:
+def run_bench(args: argparse.Namespace) -> int:
     return int(load_script(args.which).main(list(args.script_args)) or 0)

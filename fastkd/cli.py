@@ -1,8 +1,12 @@
 """The ``fastkd`` command line: ``fastkd <command> [options]``.
 
-Each command lives in its own module, which provides ``add_arguments(parser)`` and ``run(args) -> int``.
-Modules are imported only when their command runs, so ``fastkd info`` stays fast and works where
-optional backends (DALI, DeepSpeed, xformers) are missing.
+One convention for every command: :data:`COMMANDS` below names the module that implements it, and that module
+defines ``add_<command>_arguments(parser)`` and ``run_<command>(args) -> int``. The module is its area's
+``commands`` module (``fastkd/engine/commands.py`` holds ``train`` and ``eval``, ``fastkd/data/commands.py``
+holds ``data``), or the area's single module when the command is all there is to it (``fastkd/bench.py``,
+``fastkd/info.py``, ``fastkd/demo.py``). A command module imports optional backends (DALI, DeepSpeed,
+xformers) inside ``run_<command>``, never at import time: one that fails to import is an error, not a
+missing command.
 """
 
 from __future__ import annotations
@@ -24,13 +28,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _load(name: str):
+    """The module of command ``name``, checked to follow the convention; import errors propagate."""
     module_name = COMMANDS[name][0]
     try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
-            return None  # command not built into this version
-        raise
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(f"fastkd {name}: its module {module_name} cannot be imported: {exc}") from exc
+    for attr in (f"add_{name}_arguments", f"run_{name}"):
+        if not callable(getattr(module, attr, None)):
+            raise AttributeError(f"fastkd {name}: module {module_name} defines no {attr}()")
+    return module
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,12 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         module = _load(name)
-        if module is None:
-            continue
         p = sub.add_parser(name, help=help_text, description=help_text)
-        adder = getattr(module, f"add_{name}_arguments", None) or module.add_arguments
-        adder(p)
-        p.set_defaults(_module=module, _command=name)
+        getattr(module, f"add_{name}_arguments")(p)
+        p.set_defaults(_run=getattr(module, f"run_{name}"))
     return parser
 
 
@@ -55,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    runner = getattr(args._module, f"run_{args._command}", None) or args._module.run
-    return int(runner(args) or 0)
+    return int(args._run(args) or 0)
 
 
 if __name__ == "__main__":

@@ -34,31 +34,11 @@ from typing import Literal
 
 import yaml
 
+from fastkd.data.config import DataConfig
+
 
 class ConfigError(ValueError):
     """A recipe or override that does not fit the schema; the message names the key."""
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# data: the data helper's DataConfig when it exists, else a plain mapping passed through to build_loader
-
-
-def _data_config_type():
-    try:
-        from fastkd.data.config import DataConfig  # type: ignore[attr-defined]
-    except ImportError:
-        try:
-            from fastkd.data import DataConfig  # type: ignore[attr-defined]
-        except ImportError:
-            return None
-    return DataConfig if dataclasses.is_dataclass(DataConfig) else None
-
-
-_DataConfig = _data_config_type()
-
-
-def _default_data():
-    return _DataConfig() if _DataConfig is not None else {}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -160,7 +140,7 @@ class Config:
     student: ModelSpec = field(default_factory=ModelSpec)
     teachers: list[ModelSpec] = field(default_factory=list)
     method: MethodConfig = field(default_factory=MethodConfig)
-    data: Any = field(default_factory=_default_data)
+    data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -192,10 +172,6 @@ def _to_plain(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
-
-
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
 
 
 def _type_name(tp: Any) -> str:
@@ -235,14 +211,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             if type(None) in args:
                 return None
             raise ConfigError(f"{key} must not be null (expected {_type_name(tp)})")
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _convert(value, a, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}={value!r} does not fit {_type_name(tp)}")
     if dataclasses.is_dataclass(tp):
         if dataclasses.is_dataclass(value) and isinstance(value, tp):
@@ -308,15 +283,12 @@ def _build(cls, data: dict[str, Any], prefix: str = ""):
             f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(where + str(k) for k in unknown)}; "
             f"valid keys{' of ' + prefix if prefix else ''}: {', '.join(names)}"
         )
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name in names:
         if name in data:
             key = f"{prefix}.{name}" if prefix else name
-            tp = hints[name]
-            if cls is Config and name == "data":
-                tp = _DataConfig if _DataConfig is not None else dict[str, Any]
-            kwargs[name] = _convert(data[name], tp, key)
+            kwargs[name] = _convert(data[name], hints[name], key)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
@@ -410,12 +382,10 @@ def from_dict(data: dict[str, Any] | None) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"a recipe must be a mapping with keys {', '.join(_field_names(Config))}")
     cfg = _build(Config, data)
-    validate = getattr(cfg.data, "validate", None)
-    if callable(validate):
-        try:
-            validate()
-        except ValueError as exc:
-            raise ConfigError(f"data: {exc}") from exc
+    try:
+        cfg.data.validate()
+    except ValueError as exc:
+        raise ConfigError(f"data: {exc}") from exc
     return cfg
 
 
@@ -434,11 +404,6 @@ def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | 
     if not overrides:
         return cfg
     return replace(cfg, list(overrides))
-
-
-def data_section(cfg: Config) -> Any:
-    """The data section as ``build_loader`` expects it (DataConfig, or the mapping when fastkd.data has none)."""
-    return cfg.data
 
 
 def replace(cfg: Config, overrides: list[str]) -> Config:

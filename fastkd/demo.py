@@ -29,7 +29,7 @@ QUICK_TEACHER = {"img_size": 16, "patch_size": 8, "embed_dim": 24, "depth": 2, "
 QUICK_STUDENT = {"img_size": 16, "patch_size": 8, "embed_dim": 16, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="folder for the data, runs and summary.md (runs/demo)")
     parser.add_argument("--teacher-epochs", type=int, default=None,
                         help="teacher epochs (default 20 on CPU, 60 on GPU)")
@@ -94,7 +94,7 @@ def _kd_setup(kd_method: str, teacher: dict, weights: str) -> tuple[str, dict, l
     return "hinton", {"temperature": 2.0, "alpha": 0.5}, [t]
 
 
-def run(args) -> int:
+def run_demo(args) -> int:
     import torch
 
     from fastkd.data import prepare_digits
@@ -172,4 +172,4 @@ def _row(label: str, summary: dict[str, Any], shape: dict) -> dict[str, Any]:
     }
 
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_demo_arguments", "run_demo"]

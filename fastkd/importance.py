@@ -46,7 +46,8 @@ from fastkd.importance_ops import gradient_importance
 LOSSES = ("auto", "ce", "pseudo", "feature-norm", "self-kl")
 _NEEDS_GRAD = ("gradient", "attribution")
 
-__all__ = ["LOSSES", "add_arguments", "compute_importance", "rank_heads", "run", "write_heatmap", "build_eval_loader"]
+__all__ = ["LOSSES", "add_importance_arguments", "compute_importance", "rank_heads", "run_importance", "write_heatmap",
+           "build_eval_loader"]
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -298,7 +299,7 @@ def _parse_model_args(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_importance_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument(
         "--model", required=True, help="timm model name, e.g. deit_small_patch16_224 or vit_small_patch16_224.dino"
@@ -372,7 +373,7 @@ def _parse_scores(text: str) -> list[str]:
     return kinds
 
 
-def run(args: argparse.Namespace) -> int:
+def run_importance(args: argparse.Namespace) -> int:
     import timm
 
     import fastkd

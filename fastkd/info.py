@@ -55,11 +55,11 @@ def devices() -> list[str]:
     return out
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_info_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a text report")
 
 
-def run(args: argparse.Namespace) -> int:
+def run_info(args: argparse.Namespace) -> int:
     ver, devs, table = versions(), devices(), dispatch.describe()
     if getattr(args, "json", False):
         import json

@@ -44,3 +44,27 @@ def test_bench_kernels_writes_csv(tmp_path):
         assert float(r["p50"]) > 0 and r["device"].startswith("cpu") and r["torch"] and r["commit"]
         flops = json.loads(r["config"])["model_flops"]
         assert flops == {"forward": 4, "backward": 8, "full": 12}[r["mode"]] * 2 * 17 * 17 * 16
+
+
+def test_every_command_follows_the_convention():
+    from fastkd.cli import COMMANDS
+    from fastkd.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert set(sub.choices) == set(COMMANDS) == {"train", "eval", "importance", "bench", "info", "demo", "data"}
+
+
+def test_a_command_whose_module_fails_to_import_is_an_error(monkeypatch):
+    import pytest
+
+    from fastkd import cli
+
+    monkeypatch.setitem(cli.COMMANDS, "broken", ("fastkd_no_such_module.commands", "never shown"))
+    with pytest.raises(ImportError, match="fastkd broken: its module fastkd_no_such_module.commands"):
+        cli.build_parser()
+    with pytest.raises(ImportError):
+        cli.main(["info"])
+    monkeypatch.setitem(cli.COMMANDS, "broken", ("fastkd.engine.commands", "defines no run_broken"))
+    with pytest.raises(AttributeError, match="defines no add_broken_arguments"):
+        cli.build_parser()

@@ -13,7 +13,7 @@ import os
 import shutil
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     p = sub.add_parser("prepare", help="write a small real data set as an ImageFolder of JPEGs")
     p.add_argument(
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
 
 
-def run(args: argparse.Namespace) -> int:
+def run_data(args: argparse.Namespace) -> int:
     if getattr(args, "data_command", None) != "prepare":
         print("usage: fastkd data prepare {digits,photos} --out DIR")
         return 2

@@ -132,28 +132,36 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world size)`` of the default process group; ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if rank_and_world()[1] > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if rank_and_world()[1] > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
 
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate a tensor from every rank along dim 0 (ranks may hold different lengths)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    """Concatenate a tensor from every rank along dim 0 (ranks may hold different lengths). No gradient flows
+    through the other ranks' rows (see :func:`all_gather_with_grad`)."""
+    world = rank_and_world()[1]
+    if world == 1:
         return t
-    world = dist.get_world_size()
     n = torch.tensor([t.shape[0]], device=t.device)
     sizes = [torch.zeros_like(n) for _ in range(world)]
     dist.all_gather(sizes, n)
@@ -165,8 +173,33 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([o[:s] for o, s in zip(out, sizes)])
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's slice (exact gradient of a loss that
+    uses all ranks' rows, given DDP's mean over ranks)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        rank, world = rank_and_world()
+        ctx.rank, ctx.n = rank, x.shape[0]
+        out = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate an equally sized tensor from every rank along dim 0, differentiably (contrastive losses
+    whose negatives come from all ranks)."""
+    return t if rank_and_world()[1] == 1 else _GatherWithGrad.apply(t)
+
+
 def all_gather_object(obj):
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if rank_and_world()[1] == 1:
         return [obj]
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -185,23 +218,17 @@ def wrap_student_ddp(method: nn.Module, info: DistInfo, *, find_unused_parameter
     return DDP(method, device_ids=ids, find_unused_parameters=find_unused_parameters)
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    """The method inside a DDP wrapper or DeepSpeed engine."""
-    while hasattr(module, "module") and isinstance(module.module, nn.Module):
-        module = module.module
-    return module
-
-
 __all__ = [
     "DistInfo",
     "all_gather_cat",
     "all_gather_object",
+    "all_gather_with_grad",
     "all_reduce_max",
     "all_reduce_sum",
     "barrier",
     "cleanup",
+    "rank_and_world",
     "resolve_device",
     "setup",
-    "unwrap",
     "wrap_student_ddp",
 ]

@@ -78,7 +78,8 @@ def wrap_teacher_zero3(teacher: nn.Module, *, micro_batch: int, world_size: int,
     the teacher forward the same number of times (the gathers are collective).
 
     Returns the engine; ``teacher`` is modified in place (its parameters become empty placeholders with
-    ``ds_numel`` / ``ds_tensor`` describing the local shard).
+    ``ds_numel`` / ``ds_tensor`` describing the local shard) and keeps a reference to the engine: an engine
+    that is garbage-collected runs ``destroy()``, which would take the gathering hooks off the teacher.
     """
     deepspeed = _import()
     for p in teacher.parameters():
@@ -97,6 +98,7 @@ def wrap_teacher_zero3(teacher: nn.Module, *, micro_batch: int, world_size: int,
         cfg["bf16"] = {"enabled": True}
     engine, _, _, _ = deepspeed.initialize(model=teacher, config=cfg)
     engine.eval()
+    object.__setattr__(teacher, "_zero3_engine", engine)  # not a submodule: the engine wraps the teacher
     _gather_loose_parameters(teacher)
     return engine
 
@@ -128,9 +130,12 @@ def is_partitioned(module: nn.Module) -> bool:
 
 
 def partition_numel(module: nn.Module) -> tuple[int, int]:
-    """``(local shard elements, full elements)`` of a ZeRO-3 partitioned module."""
-    local = sum(p.ds_tensor.numel() for p in module.parameters() if hasattr(p, "ds_tensor"))
-    full = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+    """``(elements this rank holds, elements of the whole module)``: a ZeRO-3 partitioned parameter counts its
+    local shard, any other parameter (not under ZeRO-3, or kept whole as persistent) all its elements."""
+    params = list(module.parameters())
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False)
+                else p.numel() for p in params)
+    full = sum(getattr(p, "ds_numel", p.numel()) for p in params)
     return local, full
 
 

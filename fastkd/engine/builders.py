@@ -6,10 +6,10 @@ and ``Teacher``, ``fastkd.methods.build``, timm's ``create_optimizer_v2`` and LR
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
-import math
 from typing import Any
 
 import torch
@@ -19,8 +19,6 @@ from fastkd.config import Config
 from fastkd.config import ConfigError
 
 log = logging.getLogger("fastkd.engine")
-
-SUPERVISED_NAMES = ("supervised", "none")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -48,8 +46,6 @@ def data_config(cfg: Config, device: torch.device):
     the device the batches must land on, the student's normalization (when the recipe kept the default), and
     ``train.label_smoothing`` (used by the loader's Mixup/CutMix soft targets)."""
     data = cfg.data
-    if not dataclasses.is_dataclass(data):
-        return dict(data)  # no DataConfig in this build: pass the mapping through untouched
     changes: dict[str, Any] = {}
     if cfg.train.batch_size is not None:
         changes["batch_size"] = cfg.train.batch_size
@@ -74,7 +70,7 @@ def build_loaders(cfg: Config, data_cfg, rank: int, world_size: int, *, need_tra
     val = _optional_split(build_loader, data_cfg, "val", rank, world_size)
     train_eval = None
     if need_train_eval:
-        train_eval = _knn_bank_loader(build_loader, data_cfg, rank, world_size)
+        train_eval = knn_bank_loader(data_cfg, rank, world_size)
     return train, val, train_eval
 
 
@@ -86,10 +82,10 @@ def _optional_split(build_loader, data_cfg, split, rank, world_size):
         return None
 
 
-def _knn_bank_loader(build_loader, data_cfg, rank, world_size):
+def knn_bank_loader(data_cfg, rank, world_size):
     """The training images with validation transforms (no augmentation): the k-NN feature bank."""
-    if not dataclasses.is_dataclass(data_cfg):
-        return build_loader(data_cfg, "train", rank, world_size)
+    from fastkd.data import build_loader
+
     train_path = data_cfg.train_path
     if not train_path and data_cfg.root:
         train_path = data_cfg.root.rstrip("/") + "/train"
@@ -135,32 +131,18 @@ def build_teachers(cfg: Config, num_classes: int | None, data_cfg) -> list[nn.Mo
 
 
 def method_class(name: str) -> type:
-    """The class registered as ``name`` (importing its module), or the engine's :class:`Supervised` baseline."""
-    import importlib
-
+    """The class registered as ``method.name`` in :mod:`fastkd.methods`."""
     import fastkd.methods as methods
-    from fastkd.engine.supervised import Supervised
-    from fastkd.methods.base import REGISTRY
 
-    module = getattr(methods, "_MODULES", {}).get(name)
-    if module is not None:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-    if name in REGISTRY:
-        return REGISTRY[name]
-    if name in SUPERVISED_NAMES:
-        return Supervised
-    raise ConfigError(
-        f"method.name={name!r} is unknown; available: {', '.join(methods.available() + ['supervised'])}"
-    )
+    try:
+        return methods.get(name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def build_method(cfg: Config, student: nn.Module, teachers: list[nn.Module]):
-    """``method.name`` built with ``method.params`` (``fastkd.methods`` registry; ``supervised`` is the engine's
-    CE baseline). ``train.label_smoothing`` reaches methods whose constructor takes ``label_smoothing``."""
+    """``method.name`` built with ``method.params`` (``fastkd.methods`` registry). ``train.label_smoothing``
+    reaches methods whose constructor takes ``label_smoothing``."""
     cls = method_class(cfg.method.name)
     params = dict(cfg.method.params)
     if cfg.train.label_smoothing and "label_smoothing" not in params:
@@ -172,6 +154,25 @@ def build_method(cfg: Config, student: nn.Module, teachers: list[nn.Module]):
         raise ConfigError(f"method.params for {cfg.method.name}: {exc}") from exc
     except ValueError as exc:
         raise ConfigError(f"method {cfg.method.name}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# precision
+
+
+def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype ``train.amp`` asks for (``auto``: bf16 on CUDA, none on CPU); None means fp32."""
+    amp = cfg.train.amp
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp32": None}[amp]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype``, or a no-op context for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -234,13 +235,9 @@ def total_steps_for(cfg: Config, steps_per_epoch: int) -> int:
     return cfg.train.epochs * steps_per_epoch
 
 
-def epochs_for(cfg: Config, steps_per_epoch: int) -> int:
-    if cfg.train.steps is not None:
-        return math.ceil(cfg.train.steps / max(steps_per_epoch, 1))
-    return cfg.train.epochs
-
-
 __all__ = [
+    "amp_dtype",
+    "autocast",
     "build_loaders",
     "build_method",
     "method_class",
@@ -249,7 +246,7 @@ __all__ = [
     "build_student",
     "build_teachers",
     "data_config",
-    "epochs_for",
+    "knn_bank_loader",
     "scaled_lr",
     "student_stats",
     "total_steps_for",

@@ -4,7 +4,7 @@ A checkpoint holds only tensors and plain data (dicts, lists, numbers, strings),
 pickled code:
 
 ``step, epoch, method`` (student + trainable extras: ``method.state_dict()``), ``optimizer``, ``scheduler``,
-``scaler``, ``ema``, ``loader`` (the training loader's position), ``rng`` (per rank: python, numpy, torch,
+``ema`` (the student's EMA), ``loader`` (the training loader's position), ``rng`` (per rank: python, numpy, torch,
 cuda), ``config`` (the resolved config), ``metrics`` and, for a DeepSpeed student, ``deepspeed_tag`` naming
 the engine's own checkpoint folder (its ZeRO-partitioned optimizer state is saved by DeepSpeed beside this
 file, under ``deepspeed/<tag>``).
@@ -21,9 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used (missing, not a fastkd checkpoint, or not matching the run)."""
+from fastkd.models.build import CheckpointError  # one error for every file of weights that cannot be used
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:

@@ -66,11 +66,6 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights stored in the checkpoint")
 
 
-def _local_rank(args) -> int | None:
-    lr = getattr(args, "local_rank", None)
-    return lr if lr is not None else None
-
-
 def _load(args):
     overrides = list(args.overrides)
     if getattr(args, "resume", None):
@@ -97,7 +92,7 @@ def run_train(args) -> int:
 
     trainer = None
     try:
-        trainer = Trainer(cfg, local_rank=_local_rank(args))
+        trainer = Trainer(cfg, local_rank=getattr(args, "local_rank", None))
         trainer.train()
         return 0
     except (ConfigError, CheckpointError) as exc:
@@ -125,10 +120,10 @@ def run_eval(args) -> int:
     if not os.path.isfile(args.checkpoint):
         print(f"fastkd eval: --checkpoint {args.checkpoint}: no such file", file=sys.stderr)
         return 2
-    from fastkd.engine.evaluator import Evaluator
+    from fastkd.engine.evaluate import Evaluator
 
     try:
-        ev = Evaluator(cfg, local_rank=_local_rank(args))
+        ev = Evaluator(cfg, local_rank=getattr(args, "local_rank", None))
         state = ckpt.load(args.checkpoint)
         ev.load_weights(state, ema=args.ema)
         res = ev.evaluate()

@@ -1,4 +1,5 @@
-"""Evaluation: top-1/top-5 accuracy with the method's inference rule, and k-NN accuracy on features.
+"""Evaluation: top-1/top-5 accuracy with the method's inference rule, and k-NN accuracy on features;
+:class:`Evaluator` evaluates a checkpoint (``fastkd eval``), the trainer calls :func:`evaluate_method`.
 
 ``top-k``: logits from ``method.predict(images)`` (e.g. DeiT averages its class and distillation heads).
 ``k-NN`` (self-supervised methods; Wu et al. 2018, as in DINO's ``eval_knn.py``): L2-normalised
@@ -9,14 +10,19 @@ most cosine-similar bank entries, which vote for their labels with weight ``exp(
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from fastkd.config import Config
+from fastkd.config import ConfigError
 from fastkd.distributed import all_gather_cat
 from fastkd.distributed import all_reduce_sum
+from fastkd.distributed import setup as setup_distributed
+from fastkd.engine import builders
 
 
 def _images(batch: dict[str, Any]) -> torch.Tensor:
@@ -135,4 +141,67 @@ def evaluate_knn(
     return {"knn_top1": 100.0 * c[0] / n, "knn_top5": 100.0 * c[1] / n, "n": int(test_labels.shape[0])}
 
 
-__all__ = ["evaluate_knn", "evaluate_topk", "extract_features", "knn_classify", "topk_correct"]
+@torch.no_grad()
+def evaluate_method(method, val_loader, bank_loader=None, *, num_classes: int | None = None, autocast=None,
+                    device: torch.device | None = None) -> dict[str, float]:
+    """What the method's kind is judged by: k-NN accuracy of ``method.features`` with ``bank_loader`` as the bank
+    for self-supervised methods, else top-1/top-5 of ``method.predict`` (plus ``ema_top1``/``ema_top5`` of its
+    student's EMA when it keeps one). The method is put in eval mode and restored."""
+    was_training = method.training
+    method.eval()
+    try:
+        if method.self_supervised:
+            if bank_loader is None:
+                raise ConfigError("k-NN evaluation needs the training split as the feature bank (data.root)")
+            num_classes = num_classes or getattr(bank_loader, "num_classes", None)
+            if not num_classes:
+                raise ConfigError("k-NN evaluation needs the number of classes: set data.num_classes")
+            return evaluate_knn(method.features, bank_loader, val_loader, num_classes=int(num_classes),
+                                autocast=autocast)
+        res = evaluate_topk(method.predict, val_loader, autocast=autocast, device=device)
+        if method.ema is not None:
+            ema = evaluate_topk(functools.partial(method.predict, ema=True), val_loader, autocast=autocast,
+                                device=device)
+            res["ema_top1"], res["ema_top5"] = ema["top1"], ema["top5"]
+        return res
+    finally:
+        method.train(was_training)
+
+
+class Evaluator:
+    """Builds the validation loader (and the k-NN bank for self-supervised methods), the student, the teachers
+    (methods take them at construction; they are not run) and the method; loads a checkpoint's weights."""
+
+    def __init__(self, cfg: Config, *, local_rank: int | None = None, method=None, val_loader=None,
+                 bank_loader=None):
+        self.cfg = cfg
+        self.info = setup_distributed(device=cfg.run.device, backend=cfg.distributed.backend, local_rank=local_rank)
+        self.device = self.info.device
+        self.amp_dtype = builders.amp_dtype(cfg, self.device)
+        data_cfg = builders.data_config(cfg, self.device)
+        cls = builders.method_class(cfg.method.name) if method is None else type(method)
+        if val_loader is None:
+            from fastkd.data import build_loader
+
+            val_loader = build_loader(data_cfg, "val", self.info.rank, self.info.world_size)
+            if cls.self_supervised:
+                bank_loader = builders.knn_bank_loader(data_cfg, self.info.rank, self.info.world_size)
+        self.val_loader, self.bank_loader = val_loader, bank_loader
+        self.num_classes = getattr(val_loader, "num_classes", None) or getattr(data_cfg, "num_classes", None)
+        if method is None:
+            student = builders.build_student(cfg, self.num_classes)
+            teachers = builders.build_teachers(cfg, self.num_classes, data_cfg)
+            method = builders.build_method(cfg, student, teachers)
+        self.method = method.to(self.device)
+
+    def load_weights(self, state: dict[str, Any], *, ema: bool = False) -> None:
+        """The checkpoint's method weights; with ``ema``, its EMA weights become the student."""
+        self.method.load_checkpoint_state(state, ema_as_student=ema)
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate_method(self.method, self.val_loader, self.bank_loader, num_classes=self.num_classes,
+                               autocast=builders.autocast(self.device, self.amp_dtype), device=self.device)
+
+
+__all__ = ["Evaluator", "evaluate_knn", "evaluate_method", "evaluate_topk", "extract_features", "knn_classify",
+           "topk_correct"]

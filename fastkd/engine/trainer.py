@@ -1,10 +1,13 @@
 """The training loop: one optimizer step = ``train.accum_steps`` micro-batches through ``method(batch)``.
 
 Per step: bf16 autocast on CUDA (fp32 on CPU unless ``train.amp`` says otherwise), backward, gradient
-clipping, optimizer step (torch, DDP, or a DeepSpeed engine), per-step LR schedule (timm), EMA of the student
-(timm ``ModelEmaV3``), ``method.on_step_end``. Every step checks the loss for NaN/Inf *before* the optimizer
-step; a non-finite loss saves a checkpoint (the parameters are still the last finite ones) and stops with a
-:class:`NonFiniteLossError` naming the loss part.
+clipping, optimizer step (torch, DDP, or a DeepSpeed engine: :mod:`fastkd.engine.placement`), per-step LR
+schedule (timm), the method's EMA of the student (``method.update_ema``), ``method.on_step_end``. The method
+owns what is trained (its parameters), evaluated (``predict`` / ``features``) and checkpointed
+(``checkpoint_state``); the trainer owns the loop, the optimizer, the schedule and the run folder.
+
+Every step checks the loss for NaN/Inf *before* the optimizer step; a non-finite loss saves a checkpoint (the
+parameters are still the last finite ones) and stops with a :class:`NonFiniteLossError` naming the loss part.
 
 Logging: a tqdm bar with loss and img/s; JSONL records every ``train.log_every`` steps (loss parts, lr, img/s,
 step time, data-wait fraction, peak memory); TensorBoard when installed; a summary table at the end.
@@ -12,7 +15,6 @@ step time, data-wait fraction, peak memory); TensorBoard when installed; a summa
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -24,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from fastkd.config import Config
 from fastkd.config import ConfigError
@@ -34,16 +35,15 @@ from fastkd.distributed import all_reduce_max
 from fastkd.distributed import all_reduce_sum
 from fastkd.distributed import barrier
 from fastkd.distributed import setup as setup_distributed
-from fastkd.distributed import unwrap
-from fastkd.distributed import wrap_student_ddp
 from fastkd.engine import builders
 from fastkd.engine import checkpoint as ckpt
-from fastkd.engine.evaluate import evaluate_knn
-from fastkd.engine.evaluate import evaluate_topk
+from fastkd.engine.evaluate import evaluate_method
 from fastkd.engine.logging import MetricLogger
 from fastkd.engine.logging import format_table
 from fastkd.engine.logging import peak_memory_mb
 from fastkd.engine.logging import progress_bar
+from fastkd.engine.placement import place_student
+from fastkd.methods import Method
 
 log = logging.getLogger("fastkd.engine")
 
@@ -85,9 +85,9 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 class Trainer:
     """Builds a run from a :class:`~fastkd.config.Config` and trains it.
 
-    The pieces can be injected (tests, benchmarks, the demo): ``method`` (with its teachers), ``train_loader``,
-    ``val_loader``, ``bank_loader`` (k-NN feature bank). Missing ones are built from the config with
-    ``fastkd.data`` / ``fastkd.models`` / ``fastkd.methods``.
+    The pieces can be injected (tests, benchmarks, the demo): ``method`` (a :class:`fastkd.methods.Method` with
+    its teachers), ``train_loader``, ``val_loader``, ``bank_loader`` (k-NN feature bank). Missing ones are built
+    from the config with ``fastkd.data`` / ``fastkd.models`` / ``fastkd.methods``.
     """
 
     def __init__(
@@ -96,7 +96,7 @@ class Trainer:
         *,
         local_rank: int | None = None,
         info: DistInfo | None = None,
-        method: nn.Module | None = None,
+        method: Method | None = None,
         train_loader=None,
         val_loader=None,
         bank_loader=None,
@@ -111,8 +111,7 @@ class Trainer:
             raise ConfigError(f"train.log_every={t.log_every} must be >= 1")
         if t.clip_grad is not None and t.clip_grad <= 0:
             raise ConfigError(f"train.clip_grad={t.clip_grad} must be > 0 (or null to turn clipping off)")
-        self.use_deepspeed = d.student == "deepspeed"
-        needs_ds = self.use_deepspeed or d.teacher_placement == "zero3"
+        needs_ds = d.student == "deepspeed" or d.teacher_placement == "zero3"
         self.info = info or setup_distributed(device=cfg.run.device, backend=d.backend, local_rank=local_rank,
                                               use_deepspeed=needs_ds)
         self.device = self.info.device
@@ -125,21 +124,15 @@ class Trainer:
             cfg.dump(self.run_dir / "config.yaml")
 
         # ---- precision
-        amp = t.amp
-        if amp == "auto":
-            amp = "bf16" if self.device.type == "cuda" else "fp32"
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp32": None}[amp]
-        self.amp = amp
+        self.amp_dtype = builders.amp_dtype(cfg, self.device)
+        self.amp = "bf16" if self.amp_dtype is not None else "fp32"
 
         # ---- data
         self.data_cfg = builders.data_config(cfg, self.device)
-        if method is not None:
-            self_supervised = bool(getattr(unwrap(method), "self_supervised", False))
-        else:
-            self_supervised = bool(getattr(builders.method_class(cfg.method.name), "self_supervised", False))
+        method_cls = type(method) if method is not None else builders.method_class(cfg.method.name)
         if train_loader is None:  # the k-NN bank (training images, validation transforms) only for SSL methods
             train_loader, val_loader, bank_loader = builders.build_loaders(
-                cfg, self.data_cfg, self.info.rank, self.info.world_size, need_train_eval=self_supervised
+                cfg, self.data_cfg, self.info.rank, self.info.world_size, need_train_eval=method_cls.self_supervised
             )
         self.train_loader, self.val_loader, self.bank_loader = train_loader, val_loader, bank_loader
         self.num_classes = getattr(train_loader, "num_classes", None) or getattr(self.data_cfg, "num_classes", None)
@@ -169,32 +162,12 @@ class Trainer:
         self.base_lr = builders.scaled_lr(cfg, self.global_batch)
         self.optimizer = builders.build_optimizer(cfg, method, self.base_lr)
         self.scheduler = builders.build_scheduler(cfg, self.optimizer, self.total_steps, self.steps_per_epoch)
-        self.scaler = None
 
-        # ---- placement of the student
-        self.engine = None
-        if self.use_deepspeed:
-            from fastkd.distributed import deepspeed as ds
-
-            ds_cfg = ds.student_config(
-                micro_batch=micro, accum_steps=t.accum_steps, world_size=self.info.world_size,
-                zero_stage=d.zero_stage, clip_grad=t.clip_grad, bf16=self.amp == "bf16" and self.device.type == "cuda",
-            )
-            self.engine, _ = ds.wrap_student(method, self.optimizer, ds_cfg)
-            self.model = self.engine
-        else:
-            if d.zero_stage != 0:
-                raise ConfigError(
-                    f"distributed.zero_stage={d.zero_stage} needs distributed.student=deepspeed (DDP has no ZeRO)"
-                )
-            self.model = wrap_student_ddp(method, self.info, find_unused_parameters=d.find_unused_parameters)
-
-        # ---- EMA of the student
-        self.ema = None
+        # ---- placement of the student (torch / DDP / DeepSpeed), then its EMA
+        self.placement = place_student(cfg, method, self.optimizer, self.info, micro_batch=micro,
+                                       bf16=self.amp == "bf16" and self.device.type == "cuda")
         if t.ema:
-            from timm.utils import ModelEmaV3
-
-            self.ema = ModelEmaV3(method.student, decay=t.ema_decay, dtype=torch.float32)
+            method.setup_ema(t.ema_decay)
 
         # ---- state
         self.step = 0  # optimizer steps done
@@ -223,8 +196,7 @@ class Trainer:
 
     def _place_teachers(self) -> None:
         placement = self.cfg.distributed.teacher_placement
-        teachers = list(getattr(self.method, "teachers", []))
-        self.teacher_engines = []
+        teachers = self.method.teachers
         for teacher in teachers:
             teacher.to(self.device)
             teacher.eval()
@@ -235,21 +207,17 @@ class Trainer:
 
             micro = getattr(self.data_cfg, "batch_size", None) or 1
             for teacher in teachers:
-                self.teacher_engines.append(
-                    ds.wrap_teacher_zero3(teacher, micro_batch=micro, world_size=self.info.world_size,
-                                          bf16=self.amp == "bf16" and self.device.type == "cuda")
-                )
+                ds.wrap_teacher_zero3(teacher, micro_batch=micro, world_size=self.info.world_size,
+                                        bf16=self.amp == "bf16" and self.device.type == "cuda")
 
     def _log_setup(self) -> None:
         """One JSONL record describing the placement (what every rank holds), written once at start."""
         from fastkd.distributed.deepspeed import is_partitioned
+        from fastkd.distributed.deepspeed import partition_numel
 
         teachers = []
-        for teacher in getattr(self.method, "teachers", []):
-            params = list(teacher.parameters())
-            local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False)
-                        else p.numel() for p in params)
-            full = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+        for teacher in self.method.teachers:
+            local, full = partition_numel(teacher)
             teachers.append({"partitioned": is_partitioned(teacher), "local_numel": local, "numel": full})
         per_rank = all_gather_object(teachers)
         rec = {
@@ -258,8 +226,8 @@ class Trainer:
             "backend": self.info.backend,
             "device": str(self.device),
             "amp": self.amp,
-            "student": "deepspeed" if self.engine is not None else ("ddp" if self.info.distributed else "single"),
-            "zero_stage": self.cfg.distributed.zero_stage if self.engine is not None else None,
+            "student": self.placement.kind,
+            "zero_stage": self.placement.zero_stage,
             "teacher_placement": self.cfg.distributed.teacher_placement,
             "teachers": [
                 {"numel": t["numel"], "partitioned": all(r[i]["partitioned"] for r in per_rank),
@@ -278,13 +246,7 @@ class Trainer:
     # helpers
 
     def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
-
-    @property
-    def unwrapped(self) -> nn.Module:
-        return unwrap(self.model)
+        return builders.autocast(self.device, self.amp_dtype)
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -309,29 +271,14 @@ class Trainer:
         n_images = 0
         parts: dict[str, torch.Tensor] = {}
         flag = torch.zeros((), device=self.device)
-        self.model.train()
+        self.method.train()
         for micro in range(accum):
             td = time.perf_counter()
             batch = self._prepare(next(batches))
             data_wait += time.perf_counter() - td
             n_images += _batch_size(batch)
-            last = micro == accum - 1
-            if self.engine is not None:
-                with self.autocast():
-                    out = self.engine(batch)
-                loss = out["loss"]
-                flag = torch.maximum(flag, (~torch.isfinite(loss.detach())).float())
-                self.engine.backward(loss)
-                if not last:
-                    self.engine.step()
-            else:
-                accumulate = not last and hasattr(self.model, "no_sync")
-                with self.model.no_sync() if accumulate else contextlib.nullcontext():
-                    with self.autocast():
-                        out = self.model(batch)
-                    loss = out["loss"]
-                    flag = torch.maximum(flag, (~torch.isfinite(loss.detach())).float())
-                    (loss / accum).backward()
+            out = self.placement.forward_backward(batch, last=micro == accum - 1, autocast=self.autocast())
+            flag = torch.maximum(flag, (~torch.isfinite(out["loss"].detach())).float())
             for k, v in out.items():
                 if isinstance(v, torch.Tensor) and v.numel() == 1:
                     parts[k] = parts.get(k, 0.0) + v.detach().float().reshape(()) / accum
@@ -344,33 +291,19 @@ class Trainer:
         parts_f = {k: values[i + 1] / world for i, k in enumerate(names)}
         if values[0] > 0:
             self._on_nonfinite(parts_f)
-        grad_norm = None
-        if self.engine is not None:
-            self.engine.step()
-            gn = self.engine.get_global_grad_norm() if hasattr(self.engine, "get_global_grad_norm") else None
-            grad_norm = float(gn) if gn is not None else None
-        else:
-            params = [p for p in self.method.parameters() if p.requires_grad]
-            if t.clip_grad:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.clip_grad))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.placement.step()
         self.step += 1
         self.step_in_epoch += 1
         self.scheduler.step_update(num_updates=self.step)
-        if self.ema is not None:
-            self.ema.update(self.method.student, step=self.step)
-        on_step_end = getattr(self.method, "on_step_end", None)
-        if on_step_end is not None:
-            on_step_end(self.step, self.total_steps)
+        self.method.update_ema(self.step)
+        self.method.on_step_end(self.step, self.total_steps)
         dt = time.perf_counter() - t0
         return {"parts": parts_f, "images": n_images * world, "time": dt, "data_wait": data_wait,
                 "grad_norm": grad_norm}
 
     def _on_nonfinite(self, parts: dict[str, float]) -> None:
         bad = [k for k, v in parts.items() if not math.isfinite(v) and k != "loss"] or ["loss"]
-        if self.engine is None:
-            self.optimizer.zero_grad(set_to_none=True)
+        self.placement.discard_gradients()
         path = self.save_checkpoint(name=f"nonfinite_step_{self.step:08d}.pt", link_last=False)
         shown = ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
         msg = (
@@ -455,30 +388,13 @@ class Trainer:
     # -----------------------------------------------------------------------------------------------------------------
     # evaluation
 
-    @torch.no_grad()
     def run_eval(self) -> dict[str, float]:
-        """top-1/top-5 with ``method.predict`` (also for the EMA student), or k-NN for self-supervised methods."""
-        method = self.method
-        was_training = method.training
-        method.eval()
+        """top-1/top-5 with ``method.predict`` (also for the EMA student), or k-NN for self-supervised methods;
+        skipped (empty) without a validation split, or without the k-NN bank."""
         res: dict[str, float] = {}
-        try:
-            if getattr(method, "self_supervised", False):
-                bank = self.bank_loader
-                if bank is not None and self.val_loader is not None:
-                    res.update(evaluate_knn(method.features, bank, self.val_loader,
-                                            num_classes=int(self.num_classes or 0) or _infer_classes(bank),
-                                            autocast=self.autocast()))
-            elif self.val_loader is not None:
-                res.update(evaluate_topk(method.predict, self.val_loader, autocast=self.autocast(),
-                                         device=self.device))
-                if self.ema is not None:
-                    with self._swapped_student(self.ema.module):
-                        ema = evaluate_topk(method.predict, self.val_loader, autocast=self.autocast(),
-                                            device=self.device)
-                    res["ema_top1"], res["ema_top5"] = ema["top1"], ema["top5"]
-        finally:
-            method.train(was_training)
+        if self.val_loader is not None and (self.bank_loader is not None or not self.method.self_supervised):
+            res = evaluate_method(self.method, self.val_loader, self.bank_loader, num_classes=self.num_classes,
+                                  autocast=self.autocast(), device=self.device)
         if res:
             res.pop("n", None)
             self.logger.log({"kind": "eval", "epoch": self.epoch, **res}, self.step)
@@ -487,15 +403,6 @@ class Trainer:
                 print(f"eval @ step {self.step} (epoch {self.epoch}): {shown}", file=sys.stderr, flush=True)
         self.last_eval = {**res, "_step": self.step}
         return res
-
-    @contextlib.contextmanager
-    def _swapped_student(self, student: nn.Module):
-        original = self.method._modules["student"]
-        self.method._modules["student"] = student
-        try:
-            yield
-        finally:
-            self.method._modules["student"] = original
 
     # -----------------------------------------------------------------------------------------------------------------
     # checkpoints
@@ -507,11 +414,8 @@ class Trainer:
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "world_size": self.info.world_size,
-            "method": self.method.state_dict(),
-            "optimizer": None if self.engine is not None else self.optimizer.state_dict(),
+            **self.method.checkpoint_state(),  # "method", "ema"
             "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "ema": self.ema.module.state_dict() if self.ema is not None else None,
             "loader": self.train_loader.state_dict() if hasattr(self.train_loader, "state_dict") else None,
             "config": self.cfg.to_dict(),
             "metrics": {k: v for k, v in self.last_eval.items() if not k.startswith("_")},
@@ -525,10 +429,7 @@ class Trainer:
         rng = all_gather_object(ckpt.rng_state())
         state = self.state_dict()
         state["rng"] = rng
-        if self.engine is not None:
-            tag = f"step_{self.step:08d}"
-            self.engine.save_checkpoint(str(self.run_dir / "deepspeed"), tag=tag)
-            state["deepspeed_tag"] = tag
+        self.placement.save(state, self.run_dir, self.step)  # "optimizer" (a DeepSpeed engine: its own files)
         path = None
         if self.is_main:
             path = self.run_dir / "ckpt" / name if name else ckpt.step_path(self.run_dir, self.step)
@@ -552,31 +453,12 @@ class Trainer:
         state = ckpt.load(path, map_location="cpu")
         if state.get("format") != "fastkd-checkpoint/1":
             raise ckpt.CheckpointError(f"run.resume={path}: not a fastkd training checkpoint (no format tag)")
-        missing, unexpected = self.method.load_state_dict(state["method"], strict=False)
-        if missing or unexpected:
-            raise ckpt.CheckpointError(
-                f"run.resume={path}: the checkpoint does not fit method {self.cfg.method.name} "
-                f"(missing keys: {list(missing)[:8]}, unexpected keys: {list(unexpected)[:8]})"
-            )
-        if self.engine is not None:
-            tag = state.get("deepspeed_tag")
-            if tag is None:
-                raise ckpt.CheckpointError(
-                    f"run.resume={path}: saved without a DeepSpeed student; its optimizer state is not DeepSpeed's"
-                )
-            self.engine.load_checkpoint(str(path.parent.parent / "deepspeed"), tag=tag,
-                                        load_optimizer_states=True, load_lr_scheduler_states=False)
-        elif state.get("optimizer") is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
-        else:
-            raise ckpt.CheckpointError(
-                f"run.resume={path}: saved by a DeepSpeed student; resume with distributed.student=deepspeed"
-            )
+        try:
+            self.method.load_checkpoint_state(state)
+        except ckpt.CheckpointError as exc:
+            raise ckpt.CheckpointError(f"run.resume={path}: {exc}") from exc
+        self.placement.load(state, path)
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler") is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.module.load_state_dict(state["ema"])
         if state.get("loader") is not None and hasattr(self.train_loader, "load_state_dict"):
             self.train_loader.load_state_dict(state["loader"])
         rng = state.get("rng") or []
@@ -626,13 +508,6 @@ def _guess_batch(loader) -> int:
     if isinstance(bs, int) and bs > 0:
         return bs
     return 1
-
-
-def _infer_classes(loader) -> int:
-    n = getattr(loader, "num_classes", None)
-    if n:
-        return int(n)
-    raise ConfigError("k-NN evaluation needs the number of classes: set data.num_classes")
 
 
 __all__ = ["NonFiniteLossError", "Trainer", "seed_everything"]

@@ -7,6 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastkd.methods._kd import as_logits
+from fastkd.models.build import CheckpointError
+
 REGISTRY: dict[str, type[Method]] = {}
 
 
@@ -24,11 +27,13 @@ def register(name: str):
 
 
 class Method(nn.Module):
-    """A distillation method: the student, its trainable extras, and the loss.
+    """A distillation method: the student, its trainable extras, and the loss. It owns what is trained
+    (``parameters()``: student + extras), what is evaluated (``predict`` / ``features``, also with the EMA of
+    the student) and what is checkpointed (:meth:`checkpoint_state` / :meth:`load_checkpoint_state`).
 
     Teachers are frozen and kept *out of* ``parameters()`` and ``state_dict()`` (optimizers and checkpoints
     see only what trains); they are reachable as ``self.teachers`` so the engine can place them (replicated
-    or ZeRO-3 sharded).
+    or ZeRO-3 sharded). The EMA of the student (:meth:`setup_ema`) is kept out the same way.
 
     ``forward(batch)`` returns a dict with ``loss`` and each named part (floats for logging are taken with
     ``.detach()`` by the engine). ``predict(images)`` gives the logits the method's inference rule uses;
@@ -42,20 +47,22 @@ class Method(nn.Module):
         super().__init__()
         self.student = student
         object.__setattr__(self, "_teachers", list(teachers))
+        object.__setattr__(self, "_ema", None)
 
     @property
     def teachers(self) -> list[nn.Module]:
         return self._teachers
 
-    def set_teachers(self, teachers: list[nn.Module]) -> None:
-        """Replace the teachers (e.g. with DeepSpeed-wrapped ones); they stay out of the state dict."""
-        object.__setattr__(self, "_teachers", list(teachers))
-
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        return self.student(images)
+    # ---- evaluation
+
+    def predict(self, images: torch.Tensor, *, ema: bool = False) -> torch.Tensor:
+        """Logits ``[B, C]`` of the student (or of its EMA): a student returning a tuple of head logits is
+        averaged (DeiT's and CoAdvise's inference rule)."""
+        student = self.ema.module if ema else self.student
+        return as_logits(student(images), "the student")
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         s = self.student
@@ -63,8 +70,50 @@ class Method(nn.Module):
             return s.forward_head(s.forward_features(images), pre_logits=True)
         return s(images)
 
+    # ---- training hooks
+
     def on_step_end(self, step: int, total_steps: int) -> None:
         """Hook after each optimizer step (EMA targets, loss-weight ramps)."""
+
+    def setup_ema(self, decay: float) -> None:
+        """Keep an fp32 exponential moving average of the student (timm ``ModelEmaV3``), updated by
+        :meth:`update_ema`, evaluated with ``predict(images, ema=True)`` and saved in the checkpoint."""
+        from timm.utils import ModelEmaV3
+
+        object.__setattr__(self, "_ema", ModelEmaV3(self.student, decay=decay, dtype=torch.float32))
+
+    @property
+    def ema(self):
+        """The student's EMA (``ModelEmaV3``; its ``.module`` is the averaged student), or None."""
+        return self._ema
+
+    def update_ema(self, step: int) -> None:
+        if self._ema is not None:
+            self._ema.update(self.student, step=step)
+
+    # ---- checkpoints
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """``{"method": state_dict (student + extras), "ema": the EMA student's state_dict or None}``."""
+        return {"method": self.state_dict(),
+                "ema": self._ema.module.state_dict() if self._ema is not None else None}
+
+    def load_checkpoint_state(self, state: dict[str, Any], *, ema_as_student: bool = False) -> None:
+        """Restore :meth:`checkpoint_state`; ``ema_as_student`` loads the saved EMA weights into the student
+        (evaluating the EMA of a run). Raises :class:`CheckpointError` when the state does not fit."""
+        if "method" not in state:
+            raise CheckpointError("the checkpoint has no 'method' entry; is it a fastkd training checkpoint?")
+        missing, unexpected = self.load_state_dict(state["method"], strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"the checkpoint does not fit method {self.name} (missing keys: "
+                                  f"{list(missing)[:8]}, unexpected keys: {list(unexpected)[:8]})")
+        saved_ema = state.get("ema")
+        if ema_as_student:
+            if saved_ema is None:
+                raise CheckpointError("the checkpoint holds no EMA weights (the run had train.ema=false)")
+            self.student.load_state_dict(saved_ema)
+        elif self._ema is not None and saved_ema is not None:
+            self._ema.module.load_state_dict(saved_ema)
 
     def extra_repr(self) -> str:
         return f"teachers={len(self._teachers)}"

@@ -9,7 +9,6 @@ import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
-from fastkd.methods._kd import as_logits
 from fastkd.methods._kd import check_range
 from fastkd.methods._kd import check_teacher_count
 from fastkd.methods._kd import freeze_teachers
@@ -206,9 +205,6 @@ class CoAdvise(Method):
         kd_conv = self.lambda_conv * kl_div_t(z_conv, z_c, self.tau_conv, "batchmean")
         kd_inv = self.lambda_inv * kl_div_t(z_inv, z_i, self.tau_inv, "batchmean")
         return {"loss": ce + kd_conv + kd_inv, "ce": ce, "kd_conv": kd_conv, "kd_inv": kd_inv}
-
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        return as_logits(self.student(images), "the student")
 
     def extra_repr(self) -> str:
         return (f"lambda=({self.lambda_cls}, {self.lambda_conv}, {self.lambda_inv}), "

@@ -113,10 +113,6 @@ class DeiTDistillation(Method):
                          temperature=self.temperature, kd_reduction=self.kd_reduction,
                          label_smoothing=self.label_smoothing)
 
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        z_cls, z_dist = self.heads(images)
-        return (z_cls + z_dist) / 2
-
     def extra_repr(self) -> str:
         return (f"distillation_type={self.distillation_type!r}, alpha={self.alpha}, temperature={self.temperature}, "
                 f"kd_reduction={self.kd_reduction!r}, label_smoothing={self.label_smoothing}")

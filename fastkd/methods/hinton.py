@@ -70,8 +70,5 @@ class HintonKD(Method):
         return hinton_loss(z_s, z_t, batch, temperature=self.temperature, alpha=self.alpha,
                            label_smoothing=self.label_smoothing)
 
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        return as_logits(self.student(images), "the student")
-
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, alpha={self.alpha}, label_smoothing={self.label_smoothing}"

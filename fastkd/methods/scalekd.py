@@ -435,6 +435,3 @@ class ScaleKD(Method):
             parts[f"s4_{view}"] = fn(self._grid(p4, hw4), t4)
             loss = loss + alpha * (parts[f"s3_{view}"] + parts[f"s4_{view}"])
         return {"loss": loss, **parts}
-
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        return as_logits(self.student(images), "the student")

@@ -7,10 +7,12 @@ import math
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from fastkd.distributed import all_gather_cat
+from fastkd.distributed import all_gather_with_grad
+from fastkd.distributed import rank_and_world
 from fastkd.methods._kd import check_choice
 from fastkd.methods._kd import check_range
 from fastkd.methods._kd import upcast
@@ -49,45 +51,6 @@ def sincos_2d_pos_embed(grid: tuple[int, int], dim: int, temperature: float = 10
     out_w = w.flatten()[:, None] * omega[None]
     out_h = h.flatten()[:, None] * omega[None]
     return torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1).float()
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-@torch.no_grad()
-def _gather_nograd(x: torch.Tensor) -> torch.Tensor:
-    rank, world = _world()
-    if world == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out)
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient for this rank's slice (exact gradient of a loss that
-    uses all ranks' rows, given DDP's mean over ranks)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        rank, world = _world()
-        ctx.rank, ctx.n = rank, x.shape[0]
-        out = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(out, x.contiguous())
-        return torch.cat(out)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
-
-
-def _gather_grad(x: torch.Tensor) -> torch.Tensor:
-    return x if _world()[1] == 1 else _GatherWithGrad.apply(x)
 
 
 @register("sdssl")
@@ -271,9 +234,9 @@ class SDSSL(Method):
         q2 = [pred(g.detach()) for pred, g in zip(self.predictors, g2)]
         z1, z2 = upcast(self._target(x1)), upcast(self._target(x2))
         if self.variant == "moco":
-            rank, _ = _world()
-            z1a = _gather_nograd(F.normalize(z1, dim=1))
-            z2a = _gather_nograd(F.normalize(z2, dim=1))
+            rank, _ = rank_and_world()
+            z1a = all_gather_cat(F.normalize(z1, dim=1))
+            z2a = all_gather_cat(F.normalize(z2, dim=1))
             own = torch.arange(B, device=z1.device) + rank * B
 
             def ell(rows, za):
@@ -294,9 +257,10 @@ class SDSSL(Method):
 
     def _simclr(self, g1, g2):
         B = g1[0].shape[0]
-        rank, world = _world()
+        rank, world = rank_and_world()
         f1, f2 = F.normalize(upcast(g1[-1]), dim=1), F.normalize(upcast(g2[-1]), dim=1)
-        keys = torch.cat([_gather_grad(f1), _gather_grad(f2)])  # [2·B·G]: view-1 rows of all ranks, then view-2
+        # [2·B·G]: view-1 rows of all ranks, then view-2
+        keys = torch.cat([all_gather_with_grad(f1), all_gather_with_grad(f2)])
         n_all = B * world
         idx = torch.arange(B, device=f1.device) + rank * B
         self_idx = torch.cat([idx, idx + n_all])  # anchor (v, b) → its own key

@@ -350,9 +350,6 @@ class SSTA(Method):
         loss = loss + self.beta_t * attn_t + self.beta_a * attn_a
         return {"loss": loss, "ce": ce, "kd": kd, "attn_teacher": attn_t, "attn_ta": attn_a}
 
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        return as_logits(self.student(images), "the student")
-
     def extra_repr(self) -> str:
         return (
             f"beta_t={self.beta_t}, beta_a={self.beta_a}, tau={self.tau}, layers={self.layers}, "

@@ -38,7 +38,8 @@ _TORCH_EXTS = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 
 
 class CheckpointError(ValueError):
-    """A weights file that cannot be loaded into the model (wrong format, keys or shapes)."""
+    """A weights or training checkpoint file that cannot be used (missing, wrong format, keys or shapes, or not
+    matching the run)."""
 
 
 @dataclass

@@ -17,8 +17,8 @@ def main(argv: list[str]) -> int:
 
     assert argv[0] == "data"
     parser = argparse.ArgumentParser(prog="fastkd data")
-    commands.add_arguments(parser)
-    return commands.run(parser.parse_args(argv[1:]))
+    commands.add_data_arguments(parser)
+    return commands.run_data(parser.parse_args(argv[1:]))
 
 
 def test_cli_maps_data_command():

@@ -12,9 +12,9 @@ from tests.benchmarks import load
 
 def test_demo_quick(tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    demo.add_arguments(parser)
+    demo.add_demo_arguments(parser)
     args = parser.parse_args(["--quick", "--out", str(tmp_path), "--device", "cpu"])
-    assert demo.run(args) == 0
+    assert demo.run_demo(args) == 0
     text = (tmp_path / "summary.md").read_text()
     assert text in capsys.readouterr().out
     rows = [line for line in text.splitlines() if line.startswith("| ") and "run " not in line]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from fastkd.config import load_config
 from fastkd.engine import checkpoint as ckpt
+from fastkd.engine.evaluate import evaluate_topk
 from fastkd.engine.trainer import NonFiniteLossError
 from fastkd.engine.trainer import Trainer
 from fastkd.methods import build
@@ -48,7 +50,7 @@ def test_stop_and_resume_is_exact(tmp_path):
     full.train()
     assert full.step == 10 and full.epoch == 2
     ref = _params(full)
-    ref_ema = {k: v.clone() for k, v in full.ema.module.state_dict().items()}
+    ref_ema = {k: v.clone() for k, v in full.method.ema.module.state_dict().items()}
 
     # interrupted mid-epoch (step 3 of epoch 0), then resumed in a fresh trainer built from a different seed
     part = _trainer(_cfg(tmp_path, "split"))
@@ -61,7 +63,7 @@ def test_stop_and_resume_is_exact(tmp_path):
     assert got.keys() == ref.keys()
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=k)
-    for k, v in resumed.ema.module.state_dict().items():
+    for k, v in resumed.method.ema.module.state_dict().items():
         torch.testing.assert_close(v, ref_ema[k], rtol=0, atol=0, msg=f"ema {k}")
     assert resumed.lr() == full.lr()
 
@@ -84,7 +86,7 @@ def test_checkpoint_contents_and_logs(tmp_path):
     summary = tr.train()
     run = tmp_path / "r"
     state = torch.load(run / "ckpt" / "last.pt", weights_only=True)
-    for key in ("method", "optimizer", "scheduler", "scaler", "ema", "loader", "rng", "config", "step", "epoch"):
+    for key in ("method", "optimizer", "scheduler", "ema", "loader", "rng", "config", "step", "epoch"):
         assert key in state, key
     assert not any(k.startswith("_teachers") or "teacher" in k for k in state["method"])  # teachers stay out
     assert state["config"]["train"]["accum_steps"] == 2
@@ -101,6 +103,14 @@ def test_checkpoint_contents_and_logs(tmp_path):
     assert lrs[1] > lrs[0] and lrs[-1] < lrs[2]
     evals = [r for r in records if r["kind"] == "eval"]
     assert len(evals) == 2 and "top1" in evals[-1] and "ema_top1" in evals[-1]
+    # the method evaluates its EMA student (not the trained one) when asked, and the log holds that accuracy
+    method = tr.method.eval()
+    images = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(method.predict(images, ema=True), method.ema.module(images), rtol=0, atol=0)
+        assert not torch.equal(method.predict(images, ema=True), method.predict(images))
+    ema = evaluate_topk(functools.partial(method.predict, ema=True), tr.val_loader)
+    assert evals[-1]["ema_top1"] == ema["top1"] and evals[-1]["ema_top5"] == ema["top5"]
     assert summary["steps"] == 10 and "top1" in summary
     assert (run / "summary.json").is_file()
 
@@ -109,7 +119,7 @@ def test_training_learns_the_tiny_task(tmp_path):
     cfg = _cfg(tmp_path, "learn", "train.epochs=6", "optim.lr=1e-2", "method.name=supervised", "train.ema=false",
                "train.accum_steps=1", "train.drop_path=0.0")
     torch.manual_seed(0)
-    from fastkd.engine.supervised import Supervised
+    from fastkd.methods.supervised import Supervised
 
     tr = Trainer(cfg, method=Supervised(tiny_vit()), train_loader=MemoryLoader(n=64, batch_size=8),
                  val_loader=MemoryLoader(n=64, batch_size=8, shuffle=False), console=False)  # the training images
@@ -150,7 +160,7 @@ def test_accumulation_matches_one_big_batch(tmp_path):
     base = ["train.epochs=1", "train.ema=false", "train.clip_grad=null", "train.drop_path=0.0",
             "optim.name=momentum", "optim.momentum=0.0", "optim.weight_decay=0.0", "schedule.name=constant",
             "schedule.warmup_steps=0", "method.name=supervised", "train.eval=false"]
-    from fastkd.engine.supervised import Supervised
+    from fastkd.methods.supervised import Supervised
 
     outs = []
     for name, accum, bs in (("a", 2, 4), ("b", 1, 8)):

@@ -1,8 +1,4 @@
-"""``supervised``: the no-distillation baseline (cross-entropy only), for teachers and "without KD" runs.
-
-It lives in the engine because it is not a distillation method; :func:`fastkd.engine.builders.build_method`
-resolves the name ``supervised`` (alias ``none``) to it when the method registry has no such entry.
-"""
+"""``supervised``: the no-distillation baseline (cross-entropy only), for teachers and "without KD" runs."""
 
 from __future__ import annotations
 
@@ -12,9 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastkd.methods._kd import as_logits
 from fastkd.methods.base import Method
+from fastkd.methods.base import register
 
 
+@register("supervised")
 class Supervised(Method):
     """Cross-entropy on the labels (soft ``targets`` with Mixup/CutMix); teachers are not allowed.
 
@@ -33,17 +32,11 @@ class Supervised(Method):
             raise ValueError(f"label_smoothing={label_smoothing} must lie in [0, 1)")
         self.label_smoothing = float(label_smoothing)
 
-    @staticmethod
-    def _logits(out: Any) -> torch.Tensor:
-        if isinstance(out, (tuple, list)):
-            out = torch.stack(list(out)).mean(0)
-        return out
-
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         images = batch["images"]
         if isinstance(images, (list, tuple)):
             raise ValueError("method=supervised needs single-view batches (data.num_views=1)")
-        logits = self._logits(self.student(images)).float()
+        logits = as_logits(self.student(images), "the student").float()
         targets = batch.get("targets")
         if targets is not None:
             ce = torch.sum(-targets.float() * F.log_softmax(logits, dim=-1), dim=-1).mean()
@@ -51,10 +44,5 @@ class Supervised(Method):
             ce = F.cross_entropy(logits, batch["labels"], label_smoothing=self.label_smoothing)
         return {"loss": ce, "ce": ce}
 
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        return self._logits(self.student(images))
-
-
-Supervised.name = "supervised"
 
 __all__ = ["Supervised"]

@@ -1,0 +1,130 @@
+"""Where the student trains: one small interface over a torch optimizer (one process or DDP) and a DeepSpeed
+engine, so the trainer never branches on the two.
+
+Per optimizer step the trainer calls :meth:`forward_backward` once per micro-batch (``last=True`` on the final
+one) and then :meth:`step`; checkpoints go through :meth:`save` / :meth:`load`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastkd.config import ConfigError
+from fastkd.distributed import DistInfo
+from fastkd.distributed import wrap_student_ddp
+from fastkd.models.build import CheckpointError
+
+
+class TorchStudent:
+    """fastkd's own optimizer step; the method is wrapped in DDP when several processes run."""
+
+    zero_stage = None
+
+    def __init__(self, method, optimizer: torch.optim.Optimizer, info: DistInfo, *, accum_steps: int,
+                 clip_grad: float | None, find_unused_parameters: bool = False):
+        self.method, self.optimizer = method, optimizer
+        self.accum_steps, self.clip_grad = accum_steps, clip_grad
+        self.model = wrap_student_ddp(method, info, find_unused_parameters=find_unused_parameters)
+        self.kind = "ddp" if info.distributed else "single"
+
+    def forward_backward(self, batch: dict[str, Any], *, last: bool, autocast) -> dict[str, torch.Tensor]:
+        """``method(batch)`` and the backward of ``loss / accum_steps``; DDP syncs gradients only when ``last``."""
+        accumulate = not last and hasattr(self.model, "no_sync")
+        with self.model.no_sync() if accumulate else contextlib.nullcontext():
+            with autocast:
+                out = self.model(batch)
+            (out["loss"] / self.accum_steps).backward()
+        return out
+
+    def step(self) -> float | None:
+        """Clip (when ``clip_grad`` is set), step, zero the gradients; returns the gradient norm before clipping."""
+        grad_norm = None
+        if self.clip_grad:
+            params = [p for p in self.method.parameters() if p.requires_grad]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.clip_grad))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def discard_gradients(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save(self, state: dict[str, Any], run_dir: Path, step: int) -> None:
+        state["optimizer"] = self.optimizer.state_dict()
+
+    def load(self, state: dict[str, Any], checkpoint: Path) -> None:
+        if state.get("optimizer") is None:
+            raise CheckpointError(
+                f"run.resume={checkpoint}: saved by a DeepSpeed student; resume with distributed.student=deepspeed"
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+class DeepSpeedStudent:
+    """A DeepSpeed engine (ZeRO 0/1/2) around the method with fastkd's optimizer; it scales the loss for
+    accumulation, clips and steps, and saves its (partitioned) optimizer state beside the checkpoint."""
+
+    kind = "deepspeed"
+
+    def __init__(self, method, optimizer: torch.optim.Optimizer, info: DistInfo, *, micro_batch: int,
+                 accum_steps: int, zero_stage: int, clip_grad: float | None, bf16: bool):
+        from fastkd.distributed import deepspeed as ds
+
+        config = ds.student_config(micro_batch=micro_batch, accum_steps=accum_steps, world_size=info.world_size,
+                                   zero_stage=zero_stage, clip_grad=clip_grad, bf16=bf16)
+        self.engine, _ = ds.wrap_student(method, optimizer, config)
+        self.zero_stage = zero_stage
+
+    def forward_backward(self, batch: dict[str, Any], *, last: bool, autocast) -> dict[str, torch.Tensor]:
+        with autocast:
+            out = self.engine(batch)
+        self.engine.backward(out["loss"])
+        if not last:
+            self.engine.step()  # inside an accumulation window DeepSpeed only counts the micro-step
+        return out
+
+    def step(self) -> float | None:
+        self.engine.step()
+        grad_norm = self.engine.get_global_grad_norm()
+        return float(grad_norm) if grad_norm is not None else None
+
+    def discard_gradients(self) -> None:
+        """Nothing to do: the trainer stops before DeepSpeed's next step."""
+
+    def save(self, state: dict[str, Any], run_dir: Path, step: int) -> None:
+        """Collective: every rank writes its part under ``<run_dir>/deepspeed/<tag>``."""
+        tag = f"step_{step:08d}"
+        self.engine.save_checkpoint(str(run_dir / "deepspeed"), tag=tag)
+        state["optimizer"] = None
+        state["deepspeed_tag"] = tag
+
+    def load(self, state: dict[str, Any], checkpoint: Path) -> None:
+        tag = state.get("deepspeed_tag")
+        if tag is None:
+            raise CheckpointError(
+                f"run.resume={checkpoint}: saved without a DeepSpeed student; its optimizer state is not DeepSpeed's"
+            )
+        self.engine.load_checkpoint(str(checkpoint.parent.parent / "deepspeed"), tag=tag,
+                                    load_optimizer_states=True, load_lr_scheduler_states=False)
+
+
+def place_student(cfg, method, optimizer: torch.optim.Optimizer, info: DistInfo, *, micro_batch: int,
+                  bf16: bool) -> TorchStudent | DeepSpeedStudent:
+    """The placement ``distributed.student`` asks for."""
+    d, t = cfg.distributed, cfg.train
+    if d.student == "deepspeed":
+        return DeepSpeedStudent(method, optimizer, info, micro_batch=micro_batch, accum_steps=t.accum_steps,
+                                zero_stage=d.zero_stage, clip_grad=t.clip_grad, bf16=bf16)
+    if d.zero_stage != 0:
+        raise ConfigError(
+            f"distributed.zero_stage={d.zero_stage} needs distributed.student=deepspeed (DDP has no ZeRO)"
+        )
+    return TorchStudent(method, optimizer, info, accum_steps=t.accum_steps, clip_grad=t.clip_grad,
+                        find_unused_parameters=d.find_unused_parameters)
+
+
+__all__ = ["DeepSpeedStudent", "TorchStudent", "place_student"]
