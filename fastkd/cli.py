@@ -20,7 +20,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("fastkd.demo", "the whole pipeline on a small real data set: teacher, student with and without KD"),
     "train": ("fastkd.engine.commands", "train a student from a YAML recipe (key.sub=value overrides)"),
     "eval": ("fastkd.engine.commands", "evaluate a checkpoint (top-1/top-5, or k-NN for self-supervised methods)"),
-    "importance": ("fastkd.importance", "score the attention heads of a ViT and write importance.json + a heatmap"),
+    "importance": (
+        "fastkd.importance.commands", "score the attention heads of a ViT and write importance.json + a heatmap"
+    ),
     "data": ("fastkd.data.commands", "prepare a small real data set (data prepare)"),
     "bench": ("fastkd.bench", "benchmarks: kernels | importance | data | train"),
     "info": ("fastkd.info", "versions, devices, and which kernel implementation each op uses"),

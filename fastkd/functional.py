@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
-import importlib
-import os
+import functools
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
 
+from fastkd import _validate as check
+from fastkd import custom_ops
 from fastkd import dispatch
-from fastkd.importance_ops import SCORES
-from fastkd.importance_ops import attribution_importance
-from fastkd.importance_ops import entropy_importance
-from fastkd.importance_ops import gradient_importance
-from fastkd.importance_ops import head_importance
+from fastkd._validate import debug_enabled as check_finite_enabled
+from fastkd.importance.ops import SCORES
+from fastkd.importance.ops import attribution_importance
+from fastkd.importance.ops import entropy_importance
+from fastkd.importance.ops import gradient_importance
+from fastkd.importance.ops import head_importance
 
 Reduction = Literal["none", "sum", "mean", "batchmean"]
 Direction = Literal["forward", "reverse"]
 _REDUCTIONS = ("none", "sum", "mean", "batchmean")
 _DIRECTIONS = ("forward", "reverse")
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 __all__ = [
     "SCORES",
@@ -32,70 +33,80 @@ __all__ = [
     "head_importance",
 ]
 
-
-def check_finite_enabled() -> bool:
-    """Whether ops check their inputs for NaN/inf (``FASTKD_DEBUG=1``; costs a device sync per call)."""
-    return os.environ.get("FASTKD_DEBUG", "0").lower() in ("1", "true", "yes", "on")
+_PAIRS = "P >= 1 (student_head, teacher_head) pairs, shape [P, 2]"
+_ROWS = "None or a 1-D integer index tensor (or list) of query rows"
 
 
-def _shape(x: torch.Tensor) -> str:
-    return "[" + ", ".join(str(s) for s in x.shape) + "]"
-
-
-def _check_qk(name_q: str, q, name_k: str, k, side: str) -> None:
-    for name, x in ((name_q, q), (name_k, k)):
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor [B, H_{side}, N, d_{side}], got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{name} must have shape [B, H_{side}, N, d_{side}], got {_shape(x)}")
-        if x.dtype not in _FLOATS:
-            raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    if q.shape != k.shape:
-        raise ValueError(f"{name_q} {_shape(q)} and {name_k} {_shape(k)} must have the same shape [B, H, N, d]")
-    if q.dtype != k.dtype:
-        raise ValueError(f"{name_q} ({q.dtype}) and {name_k} ({k.dtype}) must have the same dtype")
-
-
-def _normalize_pairs(pairs, H_s: int, H_t: int, device) -> torch.Tensor:
+def _host_pairs(pairs, H_s: int, H_t: int) -> tuple[tuple[int, int], ...] | None:
+    """The pairs as host integers, range-checked (None: a tensor under torch.compile, checked on the device)."""
     if pairs is None:
         if H_s != H_t:
             raise ValueError(
                 f"pairs is required when the student and teacher head counts differ (H_s={H_s}, H_t={H_t}); "
                 "pass pairs=[(student_head, teacher_head), ...]"
             )
-        idx = torch.arange(H_s, device=device)
-        return torch.stack([idx, idx], dim=1)
-    p = torch.as_tensor(pairs, device="cpu") if not isinstance(pairs, torch.Tensor) else pairs.detach().cpu()
-    if p.dim() == 1 and p.numel() == 2:
-        p = p.view(1, 2)
-    if p.dim() != 2 or p.shape[1] != 2 or p.numel() == 0:
-        raise ValueError(f"pairs must be P >= 1 (student_head, teacher_head) pairs, shape [P, 2]; got {_shape(p)}")
-    if p.dtype.is_floating_point or p.dtype == torch.bool:
-        raise ValueError(f"pairs must hold integers, got {p.dtype}")
-    p = p.long()
-    for col, name, H in ((0, "student", H_s), (1, "teacher", H_t)):
-        bad = (p[:, col] < 0) | (p[:, col] >= H)
-        if bool(bad.any()):
-            raise ValueError(
-                f"pairs: {name} head index {int(p[bad.nonzero()[0, 0], col])} out of range; expected 0 <= index < "
-                f"{H} (H_{name[0]}={H})"
-            )
-    return p.to(device)
+        return tuple((h, h) for h in range(H_s))
+    values = check.host_values("pairs", pairs, _PAIRS)
+    if values is None:
+        if pairs.dim() != 2 or pairs.shape[1] != 2 or pairs.shape[0] == 0:
+            raise ValueError(f"pairs must be {_PAIRS}; got {check.shape(pairs)}")
+        return None
+    if len(values) == 2 and not any(isinstance(v, list) for v in values):
+        values = [values]  # one pair given flat
+    if not values or any(not isinstance(v, list) or len(v) != 2 for v in values):
+        got = check.shape(torch.as_tensor(pairs)) if isinstance(pairs, torch.Tensor) else repr(list(pairs))[:80]
+        raise ValueError(f"pairs must be {_PAIRS}; got {got}")
+    out = []
+    for v in values:
+        pair = (check.as_int("pairs", v[0], _PAIRS), check.as_int("pairs", v[1], _PAIRS))
+        for index, name, H in ((pair[0], "student", H_s), (pair[1], "teacher", H_t)):
+            if not 0 <= index < H:
+                raise ValueError(
+                    f"pairs: {name} head index {index} out of range; expected 0 <= index < {H} (H_{name[0]}={H})"
+                )
+        out.append(pair)
+    return tuple(out)
 
 
-def _normalize_rows(rows, N: int, device) -> torch.Tensor:
+def _host_rows(rows, N: int) -> tuple[int, ...] | None:
+    """The query rows as host integers, range-checked (None: a tensor under torch.compile)."""
     if rows is None:
-        return torch.arange(N, device=device)
-    r = torch.as_tensor(rows) if not isinstance(rows, torch.Tensor) else rows
-    if r.dim() == 0:
-        r = r.view(1)
-    if r.dim() != 1 or r.dtype.is_floating_point or r.dtype == torch.bool:
-        raise ValueError(f"rows must be None or a 1-D integer index tensor of query rows, got {r.dtype} {_shape(r)}")
-    r = r.to(device=device, dtype=torch.long)
-    if r.numel() and (int(r.min()) < 0 or int(r.max()) >= N):
-        raise ValueError(f"rows: index out of range; expected 0 <= row < N={N}, got min {int(r.min())} "
-                         f"max {int(r.max())}")
-    return r
+        return tuple(range(N))
+    if isinstance(rows, torch.Tensor) and rows.dim() > 1:
+        raise ValueError(f"rows must be {_ROWS}, got {rows.dtype} {check.shape(rows)}")
+    values = check.host_values("rows", rows, _ROWS)
+    if values is None:
+        if rows.numel() == 0:
+            raise ValueError("rows is empty: it must select at least one query row (or be None for all rows)")
+        return None
+    values = values if isinstance(values, list) else [values]  # a 0-d tensor: one row
+    if any(isinstance(v, list) for v in values):
+        raise ValueError(f"rows must be {_ROWS}, got a nested list")
+    if not values:
+        raise ValueError("rows is empty: it must select at least one query row (or be None for all rows)")
+    out = tuple(check.as_int("rows", v, _ROWS) for v in values)
+    lo, hi = min(out), max(out)
+    if lo < 0 or hi >= N:
+        raise ValueError(f"rows: index out of range; expected 0 <= row < N={N}, got min {lo} max {hi}")
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_index(values: tuple, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def _index_tensor(values: tuple | None, given, device: torch.device, bound: tuple[int, ...]) -> torch.Tensor:
+    """Host values as a long device tensor, built once per (values, device); under torch.compile a tensor
+    argument whose values are unknown is range-checked on the device instead (no synchronisation)."""
+    if values is not None:
+        if torch.compiler.is_compiling():
+            return torch.tensor(values, dtype=torch.long, device=device)
+        return _cached_index(values, device)
+    t = given.to(device=device, dtype=torch.long)
+    limit = torch.tensor(bound, device=device) if len(bound) > 1 else bound[0]
+    torch._assert_async(((t >= 0) & (t < limit)).all(), "pairs/rows index out of range")
+    return t
 
 
 def _normalize_mask(key_mask, B: int, N: int, device) -> torch.Tensor | None:
@@ -107,28 +118,8 @@ def _normalize_mask(key_mask, B: int, N: int, device) -> torch.Tensor | None:
     if key_mask.shape == (N,):
         key_mask = key_mask.view(1, N).expand(B, N)
     elif key_mask.shape != (B, N):
-        raise ValueError(f"key_mask must have shape [N]=[{N}] or [B, N]=[{B}, {N}], got {_shape(key_mask)}")
+        raise ValueError(f"key_mask must have shape [N]=[{N}] or [B, N]=[{B}, {N}], got {check.shape(key_mask)}")
     return key_mask.to(device)
-
-
-def _normalize_lse(name: str, lse, B: int, H: int, N: int, device):
-    if lse is None:
-        return None
-    if not isinstance(lse, torch.Tensor) or lse.shape != (B, H, N) or not lse.dtype.is_floating_point:
-        got = _shape(lse) if isinstance(lse, torch.Tensor) else type(lse).__name__
-        raise ValueError(f"{name} must be a float tensor [B, H, N]=[{B}, {H}, {N}] (natural-log LSE), got {got}")
-    if lse.device != device:
-        raise ValueError(f"{name} is on {lse.device}, expected {device} like the queries")
-    return lse.detach()
-
-
-def _scale(name: str, value, d: int) -> float:
-    if value is None:
-        return d**-0.5
-    value = float(value)
-    if not (value > 0 and value < float("inf")):
-        raise ValueError(f"{name} must be a positive finite float (logit scale, e.g. d**-0.5 / tau), got {value}")
-    return value
 
 
 def attention_kl(
@@ -190,19 +181,22 @@ def attention_kl(
         >>> loss = attention_kl(q_s, k_s, q_t, k_t, pairs=[(0, 3), (0, 7)], rows=torch.tensor([0]))
         >>> loss.backward()
     """
-    _check_qk("q_s", q_s, "k_s", k_s, "s")
-    _check_qk("q_t", q_t, "k_t", k_t, "t")
+    check.same_qk("q_s", q_s, "k_s", k_s, "[B, H_s, N, d_s]")
+    check.same_qk("q_t", q_t, "k_t", k_t, "[B, H_t, N, d_t]")
     B, H_s, N, d_s = q_s.shape
     _, H_t, N_t, d_t = q_t.shape
     if q_t.shape[0] != B:
-        raise ValueError(f"batch sizes differ: q_s {_shape(q_s)} has B={B}, q_t {_shape(q_t)} has B={q_t.shape[0]}")
+        raise ValueError(f"batch sizes differ: q_s {check.shape(q_s)} has B={B}, q_t {check.shape(q_t)} has "
+                         f"B={q_t.shape[0]}")  # fmt: skip
+    if B < 1:
+        raise ValueError(f"q_s has batch size B=0 ({check.shape(q_s)}); attention_kl needs B >= 1")
     if N_t != N:
         raise ValueError(
-            f"token counts differ: q_s {_shape(q_s)} has N={N}, q_t {_shape(q_t)} has N={N_t}; drop or resize "
-            "tokens first (e.g. remove a distillation token, or interpolate the patch grid)"
+            f"token counts differ: q_s {check.shape(q_s)} has N={N}, q_t {check.shape(q_t)} has N={N_t}; drop or "
+            "resize tokens first (e.g. remove a distillation token, or interpolate the patch grid)"
         )
     if N < 1:
-        raise ValueError(f"q_s must have N >= 1 tokens, got {_shape(q_s)}")
+        raise ValueError(f"q_s must have N >= 1 tokens, got {check.shape(q_s)}")
     if q_t.device != q_s.device:
         raise ValueError(f"q_t is on {q_t.device}, q_s on {q_s.device}: all inputs must be on one device")
     if q_t.requires_grad or k_t.requires_grad:
@@ -215,36 +209,17 @@ def attention_kl(
     if direction not in _DIRECTIONS:
         raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
     device = q_s.device
-    pairs_t = _normalize_pairs(pairs, H_s, H_t, device)
-    rows_t = _normalize_rows(rows, N, device)
+    pairs_t = _index_tensor(_host_pairs(pairs, H_s, H_t), pairs, device, (H_s, H_t))
+    rows_t = _index_tensor(_host_rows(rows, N), rows, device, (N,))
     mask_t = _normalize_mask(key_mask, B, N, device)
-    lse_s = _normalize_lse("lse_s", lse_s, B, H_s, N, device)
-    lse_t = _normalize_lse("lse_t", lse_t, B, H_t, N, device)
-    a_s, a_t = _scale("scale_s", scale_s, d_s), _scale("scale_t", scale_t, d_t)
-    if check_finite_enabled() if check_finite is None else check_finite:
-        for name, x in (("q_s", q_s), ("k_s", k_s), ("q_t", q_t), ("k_t", k_t)):
-            if not bool(torch.isfinite(x).all()):
-                raise ValueError(f"{name} contains NaN or inf values")
-
-    choice = impl or dispatch.select(device, "attention_kl")
-    reverse = direction == "reverse"
-    if choice == "reference":
-        from fastkd.kernels.reference import attention_kl_reference
-
-        kl = attention_kl_reference(
-            q_s, k_s, q_t, k_t, pairs_t, a_s, a_t, rows=rows_t, key_mask=mask_t, direction=direction,
-            upcast=q_s.dtype == torch.float64,
-        )  # fmt: skip
-    else:
-        if choice == "triton":
-            if q_s.dtype == torch.float64 or q_t.dtype == torch.float64:
-                raise ValueError("float64 inputs are supported by the torch and reference implementations only")
-            fn = importlib.import_module("fastkd.kernels.attention_kl").AttentionKLFunction
-        elif choice == "torch":
-            fn = importlib.import_module("fastkd.kernels.attention_kl_torch").AttentionKLTorchFunction
-        else:
-            raise ValueError(f"impl must be one of {dispatch.IMPLEMENTATIONS}, got {choice!r}")
-        kl = fn.apply(q_s, k_s, q_t, k_t, pairs_t, rows_t, mask_t, a_s, a_t, reverse, lse_s, lse_t)
+    lse_s = check.lse("lse_s", lse_s, B, H_s, N, device)
+    lse_t = check.lse("lse_t", lse_t, B, H_t, N, device)
+    a_s, a_t = check.scale("scale_s", scale_s, d_s), check.scale("scale_t", scale_t, d_t)
+    check.check_finite(check_finite, q_s=q_s, k_s=k_s, q_t=q_t, k_t=k_t, lse_s=lse_s, lse_t=lse_t)
+    choice = dispatch.select(device, "attention_kl", impl=impl, dtypes=(q_s.dtype, q_t.dtype))
+    kl, _, _ = custom_ops.attention_kl(
+        q_s, k_s, q_t, k_t, pairs_t, rows_t, mask_t, a_s, a_t, direction == "reverse", lse_s, lse_t, choice
+    )
     if reduction == "none":
         return kl
     total = kl.sum()

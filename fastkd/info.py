@@ -1,4 +1,5 @@
-"""``fastkd info``: versions, devices, and the kernel implementation each op uses."""
+"""``fastkd info``: versions, devices, and the kernel implementation each op uses (read from the registry in
+:mod:`fastkd.dispatch`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 import fastkd
 from fastkd import dispatch
+from fastkd.kernels._common import interpret
 
 PACKAGES = [
     ("torch", "torch"),
@@ -59,12 +61,17 @@ def add_info_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a text report")
 
 
+def registered() -> dict[str, dict[str, str]]:
+    """{op: {backend: summary}} of every registered implementation."""
+    return {op: {name: b.summary for name, b in dispatch.backends(op).items()} for op in dispatch.ops()}
+
+
 def run_info(args: argparse.Namespace) -> int:
     ver, devs, table = versions(), devices(), dispatch.describe()
     if getattr(args, "json", False):
         import json
 
-        print(json.dumps({"versions": ver, "devices": devs, "kernels": table}, indent=2))
+        print(json.dumps({"versions": ver, "devices": devs, "kernels": table, "backends": registered()}, indent=2))
         return 0
     print("fastkd", ver["fastkd"])
     print("\nversions")
@@ -78,6 +85,10 @@ def run_info(args: argparse.Namespace) -> int:
     for dev, ops in table.items():
         for op, impl in ops.items():
             print(f"  {dev:<8} {op:<16} {impl}")
-    if dispatch.triton_interpret():
+    if interpret():
         print("  (TRITON_INTERPRET=1: Triton kernels run through the CPU interpreter)")
+    print("\nregistered implementations (impl= or FASTKD_KERNELS= picks one)")
+    for op, impls in registered().items():
+        for name, summary in impls.items():
+            print(f"  {op:<16} {name:<10} {summary}")
     return 0

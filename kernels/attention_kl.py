@@ -1,7 +1,8 @@
 """Fused attention-KL: KL between teacher and student attention rows, streamed over key blocks.
 
-Layers (top to bottom): the ``@triton.jit`` kernels, the launchers ``attention_kl_forward`` /
-``attention_kl_backward``, and ``AttentionKLFunction`` (autograd). The public, validated entry point is
+Layers (top to bottom): the ``@triton.jit`` kernels and the launchers ``attention_kl_forward`` /
+``attention_kl_backward``, which are this backend's entry points for the ``fastkd::attention_kl`` custom op
+(:mod:`fastkd.custom_ops`, autograd included). The public, validated entry point is
 :func:`fastkd.functional.attention_kl`.
 
 Nothing of size N x N is ever stored: the forward keeps per-row running sums, the backward recomputes each
@@ -441,31 +442,3 @@ def attention_kl_backward(grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale
     dk = torch.zeros(k_s.shape, dtype=torch.float32, device=dev)
     dk.index_add_(1, hs, dk_out)
     return dq.to(q_s.dtype), dk.to(k_s.dtype)
-
-
-class AttentionKLFunction(torch.autograd.Function):
-    """Fused attention KL (Triton); returns per-row KL ``[B, P, R]`` fp32, gradients to ``q_s, k_s`` only.
-
-    Inputs are validated and normalized by :func:`fastkd.functional.attention_kl`: ``q_s, k_s`` ``[B, H_s, N,
-    d_s]``; ``q_t, k_t`` ``[B, H_t, N, d_t]``; ``pairs`` long ``[P, 2]``; ``rows`` long ``[R]``; ``key_mask`` bool
-    ``[B, N]`` or None; ``lse_s``/``lse_t`` ``[B, H, N]`` or None. Saves only the inputs and two (three for
-    ``reverse``) fp32 ``[B, P, R]`` row statistics.
-    """
-
-    @staticmethod
-    def forward(ctx, q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse, lse_s, lse_t):
-        kl, ls, lt = attention_kl_forward(
-            q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse, lse_s, lse_t
-        )
-        ctx.save_for_backward(q_s, k_s, q_t, k_t, pairs, rows, key_mask, ls, lt, kl)
-        ctx.scales = (scale_s, scale_t)
-        ctx.reverse = reverse
-        return kl
-
-    @staticmethod
-    def backward(ctx, grad):
-        q_s, k_s, q_t, k_t, pairs, rows, key_mask, ls, lt, kl = ctx.saved_tensors
-        dq, dk = attention_kl_backward(
-            grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, *ctx.scales, ctx.reverse, ls, lt, kl
-        )
-        return dq, dk, None, None, None, None, None, None, None, None, None, None

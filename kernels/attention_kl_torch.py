@@ -5,6 +5,8 @@ builds its ``[b, P, c, N]`` logits, reduces them to per-row KL and LSE, and free
 recomputes each chunk from the saved per-row LSEs (plain autograd over chunks would keep every chunk's
 softmax alive, i.e. the whole ``[B, H, N, N]`` map). Peak extra memory: O(chunk_elems), set by
 ``FASTKD_TORCH_CHUNK_ELEMS`` (default 2**18 logits per chunk: 1 MiB fp32 temporaries).
+``attention_kl_forward`` / ``attention_kl_backward`` are this backend's entry points for
+:mod:`fastkd.custom_ops` (registered in :mod:`fastkd.dispatch`).
 
 Math (per row, ``a``/``b`` = logits of the target/other distribution, ``p = softmax(a)``)::
 
@@ -15,26 +17,21 @@ Math (per row, ``a``/``b`` = logits of the target/other distribution, ``p = soft
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from fastkd.kernels._torch_common import chunk_elems
+from fastkd.kernels._torch_common import compute_dtype
+from fastkd.kernels._torch_common import rows_per_chunk
 
 DEFAULT_CHUNK_ELEMS = 1 << 18
 
 
-def chunk_elems() -> int:
-    return max(1, int(os.environ.get("FASTKD_TORCH_CHUNK_ELEMS", DEFAULT_CHUNK_ELEMS)))
-
-
-def _plan(B: int, P: int, R: int, N: int, budget: int) -> tuple[int, int]:
-    """(batch chunk, row chunk) so that one chunk holds at most ``budget`` logits (or one row of one image)."""
-    rows = min(R, max(1, budget // max(1, B * P * N)))
+def _plan(B: int, P: int, R: int, N: int) -> tuple[int, int]:
+    """(batch chunk, row chunk) so that one chunk holds at most the budget of logits (or one row of one image)."""
+    budget = chunk_elems(DEFAULT_CHUNK_ELEMS)
+    rows = rows_per_chunk(budget, R, B * P * N)
     batch = min(B, max(1, budget // max(1, P * N * rows)))
     return batch, rows
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 class _Chunk:
@@ -71,18 +68,18 @@ def _gather_lse(lse: torch.Tensor | None, heads: torch.Tensor, ridx: torch.Tenso
     return lse[b0:b1][:, heads[:, None], ridx[None, :]].to(dtype)
 
 
-def attention_kl_torch_forward(q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse, lse_s, lse_t):
+def attention_kl_forward(q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse, lse_s, lse_t):
     """Per-row KL ``[B, P, R]`` plus the per-row LSEs ``(lse_s, lse_t)`` (each ``[B, P, R]``) for backward."""
     B, _, N, _ = q_s.shape
     P, R = pairs.shape[0], rows.numel()
-    dtype = _compute_dtype(q_s, q_t)
+    dtype = compute_dtype(q_s, q_t)
     hs, ht = pairs[:, 0], pairs[:, 1]
     ks = k_s[:, hs].to(dtype)  # [B, P, N, ds]: O(B*P*N*d), not N^2
     kt = k_t[:, ht].to(dtype)
     kl = torch.empty(B, P, R, dtype=dtype, device=q_s.device)
     out_lse_s = torch.empty_like(kl)
     out_lse_t = torch.empty_like(kl)
-    bc, rc = _plan(B, P, R, N, chunk_elems())
+    bc, rc = _plan(B, P, R, N)
     for b0 in range(0, B, bc):
         b1 = min(B, b0 + bc)
         for r0 in range(0, R, rc):
@@ -103,19 +100,19 @@ def attention_kl_torch_forward(q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_
     return kl, out_lse_s, out_lse_t
 
 
-def attention_kl_torch_backward(grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse,
+def attention_kl_backward(grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse,
                                 lse_s, lse_t, kl):
     """Gradients ``(dq_s, dk_s)`` of ``sum(grad * kl)``; ``lse_s, lse_t, kl`` are the forward's ``[B, P, R]``."""
     B, H_s, N, _ = q_s.shape
     P, R = pairs.shape[0], rows.numel()
-    dtype = _compute_dtype(q_s, q_t)
+    dtype = compute_dtype(q_s, q_t)
     hs, ht = pairs[:, 0], pairs[:, 1]
     ks = k_s[:, hs].to(dtype)
     kt = k_t[:, ht].to(dtype)
     grad = grad.to(dtype)
     dq = torch.zeros(q_s.shape, dtype=dtype, device=q_s.device)
     dk_pairs = torch.zeros(ks.shape, dtype=dtype, device=q_s.device)  # [B, P, N, ds]
-    bc, rc = _plan(B, P, R, N, chunk_elems())
+    bc, rc = _plan(B, P, R, N)
     for b0 in range(0, B, bc):
         b1 = min(B, b0 + bc)
         for r0 in range(0, R, rc):
@@ -141,30 +138,3 @@ def attention_kl_torch_backward(grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask,
     dk = torch.zeros(k_s.shape, dtype=dtype, device=k_s.device)
     dk.index_add_(1, hs, dk_pairs)
     return dq.to(q_s.dtype), dk.to(k_s.dtype)
-
-
-class AttentionKLTorchFunction(torch.autograd.Function):
-    """Streaming attention KL; returns per-row KL ``[B, P, R]``, gradients to ``q_s, k_s`` only.
-
-    Arguments are already validated and normalized by :func:`fastkd.functional.attention_kl`:
-    ``pairs`` long ``[P, 2]``, ``rows`` long ``[R]``, ``key_mask`` bool ``[B, N]`` or None,
-    ``lse_s``/``lse_t`` ``[B, H, N]`` or None.
-    """
-
-    @staticmethod
-    def forward(ctx, q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse, lse_s, lse_t):
-        kl, ls, lt = attention_kl_torch_forward(
-            q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse, lse_s, lse_t
-        )
-        ctx.save_for_backward(q_s, k_s, q_t, k_t, pairs, rows, key_mask, ls, lt, kl)
-        ctx.scales = (scale_s, scale_t)
-        ctx.reverse = reverse
-        return kl if kl.dtype == torch.float64 else kl.float()
-
-    @staticmethod
-    def backward(ctx, grad):
-        q_s, k_s, q_t, k_t, pairs, rows, key_mask, ls, lt, kl = ctx.saved_tensors
-        dq, dk = attention_kl_torch_backward(
-            grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, *ctx.scales, ctx.reverse, ls, lt, kl
-        )
-        return dq, dk, None, None, None, None, None, None, None, None, None, None

@@ -3,6 +3,10 @@
 They build full attention maps on purpose: they are the definition each fused or streaming
 implementation is checked against. ``upcast=True`` computes in fp64 (the test oracle); ``upcast=False``
 computes in fp32 (the eager baseline a user would write, used by the benchmarks).
+
+The ``reference`` backend's entry points for :mod:`fastkd.custom_ops` are at the bottom (fp64 for fp64 inputs,
+else fp32): ``attention_kl_forward`` / ``attention_kl_backward`` (autograd through the reference) and
+``attribution_rows`` / ``entropy_rows``.
 """
 
 from __future__ import annotations
@@ -82,6 +86,15 @@ def gradient_importance_reference(
     return (o * grad_out.to(p.dtype)).sum((-1, -2)).abs()
 
 
+def attribution_rows_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor, scale: float, upcast: bool = True
+) -> torch.Tensor:
+    """Per query row ``sum_j |P_ij * dL/dP_ij|`` with ``dL/dP_ij = dO_i . v_j``, from full maps: ``[B, H, N]``."""
+    p = attention_probs_reference(q, k, scale, upcast)
+    dp = grad_out.to(p.dtype) @ v.to(p.dtype).transpose(-1, -2)
+    return (p * dp).abs().sum(-1)
+
+
 def attribution_importance_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor, scale: float, upcast: bool = True
 ) -> torch.Tensor:
@@ -89,13 +102,65 @@ def attribution_importance_reference(
 
     ``q, k, v, grad_out: [B, H, N, d]`` -> ``[B, H]``.
     """
-    p = attention_probs_reference(q, k, scale, upcast)
-    dp = grad_out.to(p.dtype) @ v.to(p.dtype).transpose(-1, -2)
-    return (p * dp).abs().sum((-1, -2))
+    return attribution_rows_reference(q, k, v, grad_out, scale, upcast).sum(-1)
+
+
+def entropy_rows_reference(q: torch.Tensor, k: torch.Tensor, scale: float, upcast: bool = True) -> torch.Tensor:
+    """Attention-row entropy ``-sum_j P_ij log P_ij`` (nats) per query row: ``[B, H, N]``."""
+    dtype = torch.float64 if upcast else torch.float32
+    log_p = torch.log_softmax(attention_logits(q, k, scale, dtype), dim=-1)
+    return -(log_p.exp() * log_p).sum(-1)
 
 
 def entropy_importance_reference(q: torch.Tensor, k: torch.Tensor, scale: float, upcast: bool = True) -> torch.Tensor:
     """Mean over query rows of the attention-row entropy ``-sum_j P_ij log P_ij`` (nats): ``[B, H]``."""
+    return entropy_rows_reference(q, k, scale, upcast).mean(-1)
+
+
+# ---------------------------------------------------------------------------- backend entry points (dispatch)
+
+
+def _fp64(*tensors: torch.Tensor) -> bool:
+    return any(t.dtype == torch.float64 for t in tensors)
+
+
+def attention_kl_forward(q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse, lse_s, lse_t):
+    """``(kl, lse_s_rows, lse_t_rows)``, each ``[B, P, R]``; the given LSEs are not used (it materializes anyway)."""
+    upcast = _fp64(q_s, q_t)
     dtype = torch.float64 if upcast else torch.float32
-    log_p = torch.log_softmax(attention_logits(q, k, scale, dtype), dim=-1)
-    return -(log_p.exp() * log_p).sum(-1).mean(-1)
+    direction = "reverse" if reverse else "forward"
+    with torch.no_grad():
+        kl = attention_kl_reference(q_s, k_s, q_t, k_t, pairs, scale_s, scale_t, rows, key_mask, direction, upcast)
+        lses = []
+        for q, k, heads, scale in ((q_s, k_s, pairs[:, 0], scale_s), (q_t, k_t, pairs[:, 1], scale_t)):
+            logits = attention_logits(q[:, heads][:, :, rows], k[:, heads], scale, dtype)  # [B, P, R, N]
+            if key_mask is not None:
+                logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+            lses.append(torch.logsumexp(logits, -1))
+    return kl, lses[0], lses[1]
+
+
+def attention_kl_backward(grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse,
+                          lse_s_rows, lse_t_rows, kl):
+    """``(dq_s, dk_s)`` of ``sum(grad * kl)``: the vector-Jacobian product of :func:`attention_kl_reference`.
+
+    ``torch.func.vjp`` rather than ``torch.autograd``: it also differentiates inside a custom op's backward,
+    where the autograd dispatch keys are off.
+    """
+    direction, upcast = "reverse" if reverse else "forward", _fp64(q_s, q_t)
+
+    def kl_of(qs, ks):
+        return attention_kl_reference(qs, ks, q_t, k_t, pairs, scale_s, scale_t, rows, key_mask, direction, upcast)
+
+    out, vjp = torch.func.vjp(kl_of, q_s, k_s)
+    return vjp(grad.to(out.dtype))
+
+
+def attribution_rows(q, k, v, grad_out, scale: float, lse=None) -> torch.Tensor:
+    """Per query row attribution ``[B, H, N]`` from the full map (``lse`` is not used)."""
+    return attribution_rows_reference(q, k, v, grad_out, scale, upcast=_fp64(q))
+
+
+def entropy_rows(q, k, scale: float, lse=None) -> torch.Tensor:
+    """Per query row entropy ``[B, H, N]`` from the full map (``lse`` is not used)."""
+    return entropy_rows_reference(q, k, scale, upcast=_fp64(q))

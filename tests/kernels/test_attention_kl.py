@@ -303,9 +303,9 @@ def test_env_forces_implementation(monkeypatch, forced):
     import fastkd.kernels.reference as rk
 
     calls = []
-    monkeypatch.setattr(tk.AttentionKLFunction, "apply", lambda *a: calls.append("triton") or torch.zeros(1, 1, 1))
-    monkeypatch.setattr(sk.AttentionKLTorchFunction, "apply", lambda *a: calls.append("torch") or torch.zeros(1, 1, 1))
-    monkeypatch.setattr(rk, "attention_kl_reference", lambda *a, **k: calls.append("reference") or torch.zeros(1, 1, 1))
+    for name, module in (("triton", tk), ("torch", sk), ("reference", rk)):
+        entry = module.attention_kl_forward
+        monkeypatch.setattr(module, "attention_kl_forward", lambda *a, e=entry, n=name: calls.append(n) or e(*a))
     monkeypatch.setenv("FASTKD_KERNELS", forced)
     assert dispatch.select("cpu") == forced
     attention_kl(*make_inputs(1, 1, 1, 1, 16, 16))
@@ -351,7 +351,7 @@ def _bad(**overrides):
         (dict(key_mask=torch.ones(10)), "key_mask must be a bool tensor"),
         (dict(reduction="avg"), "reduction must be one of"),
         (dict(direction="both"), "direction must be one of"),
-        (dict(lse_s=torch.zeros(2, 2, 9)), r"lse_s must be a float tensor \[B, H, N\]=\[2, 2, 10\]"),
+        (dict(lse_s=torch.zeros(2, 2, 9)), r"lse_s must be a float tensor of shape \[B, H, N\] = \[2, 2, 10\]"),
         (dict(scale_s=-1.0), "scale_s must be a positive finite float"),
         (dict(q_t=torch.randn(2, 3, 10, 16, requires_grad=True)), "q_t/k_t require grad"),
     ],

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fastkd import importance_ops as ops
+from fastkd.importance import ops
 from fastkd.kernels import head_importance_torch
 from tests.utils import assert_close_rel
 from tests.utils import tol
@@ -115,14 +115,15 @@ def test_low_precision_inputs(monkeypatch, impl, dtype):
     check_score(ops.entropy_importance(q, k), entropy_oracle(q, k, scale), dtype, 50 * 64, f"{impl} {dtype} entropy")
 
 
-def test_streaming_torch_chunks_and_strides():
+def test_streaming_torch_chunks_and_strides(monkeypatch):
     """Chunked over a few rows at a time, on non-contiguous [B, N, H, d] -> [B, H, N, d] views (like the taps)."""
     B, N, H, d = 2, 45, 3, 16
     q, k, v, do = (torch.randn(B, N, H, d).transpose(1, 2) for _ in range(4))
     assert not q.is_contiguous()
     scale = d**-0.5
-    a = head_importance_torch.attribution_importance(q, k, v, do, scale, chunk_rows=7)
-    e = head_importance_torch.entropy_importance(q, k, scale, chunk_rows=7)
+    monkeypatch.setenv("FASTKD_TORCH_CHUNK_ELEMS", str(7 * B * H * N))  # 7 rows per chunk
+    a = head_importance_torch.attribution_importance(q, k, v, do, scale)
+    e = head_importance_torch.entropy_importance(q, k, scale)
     check_score(a, attribution_oracle(q, k, v, do, scale), q.dtype, N * d, "chunked attribution")
     check_score(e, entropy_oracle(q, k, scale), q.dtype, N * d, "chunked entropy")
 

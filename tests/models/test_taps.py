@@ -20,7 +20,7 @@ import fastkd
 import fastkd.methods as M
 import fastkd.methods.attndistill
 import fastkd.methods.ssta
-from fastkd.importance_ops import gradient_importance
+from fastkd.importance.ops import gradient_importance
 from fastkd.models import AttentionTaps
 from fastkd.models import Teacher
 from fastkd.models import attention_modules

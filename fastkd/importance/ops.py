@@ -1,7 +1,7 @@
 """Head-importance statistics per (sample, head), without N x N attention maps.
 
 Re-exported by :mod:`fastkd.functional`. Each function returns fp32 ``[B, H]`` scores for one attention layer;
-``fastkd importance`` averages them over a data set (:mod:`fastkd.importance`). Inputs are what
+``fastkd importance`` averages them over a data set (:mod:`fastkd.importance.scoring`). Inputs are what
 :class:`fastkd.models.AttentionTaps` records: ``q, k, v`` ``[B, H, N, d]`` (after q_norm/k_norm, before
 scaling), the per-head attention output ``out = softmax(scale q k^T) v`` and its gradient ``grad_out``
 ``[B, H, N, d_v]``, and optionally the attention LSE ``[B, H, N]``. These are statistics, not losses: the
@@ -19,94 +19,58 @@ Scores:
 * ``entropy`` -- mean over query rows of the row entropy ``-sum_j P_ij log P_ij`` (nats), streamed from
   ``q, k``. Low entropy = a concentrated head.
 
-Implementations (``fastkd.dispatch.select(device, "head_importance")``): Triton kernels on CUDA tensors
-(``fastkd.kernels.head_importance``), streaming torch chunked over query rows on CPU
+Implementations (``fastkd.dispatch.select(device, "head_importance")``, run through the custom ops
+``fastkd::attribution_rows`` / ``fastkd::entropy_rows`` of :mod:`fastkd.custom_ops`): Triton kernels on CUDA
+tensors (``fastkd.kernels.head_importance``), streaming torch chunked over query rows on CPU
 (``fastkd.kernels.head_importance_torch``), materializing references (``fastkd.kernels.reference``) when
-forced with ``FASTKD_KERNELS=reference``.
+forced with ``FASTKD_KERNELS=reference``. Argument checks are the ones :func:`fastkd.functional.attention_kl`
+uses (:mod:`fastkd._validate`); ``FASTKD_DEBUG=1`` also refuses NaN/inf in every input.
 """
 
 from __future__ import annotations
 
-import importlib
-import math
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from fastkd import _validate as check
+from fastkd import custom_ops
 from fastkd import dispatch
 
 Score = Literal["gradient", "attribution", "entropy"]
 SCORES: tuple[str, ...] = ("gradient", "attribution", "entropy")
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 __all__ = ["SCORES", "Score", "attribution_importance", "entropy_importance", "gradient_importance", "head_importance"]
 
 
-def _shape(x: torch.Tensor) -> str:
-    return "[" + ", ".join(str(s) for s in x.shape) + "]"
-
-
-def _check4(name: str, x, expected: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of shape {expected}, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name} must have shape {expected}, got {_shape(x)}")
-    if x.dtype not in _FLOATS:
-        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
-
-
-def _check_qk(q, k) -> None:
-    _check4("q", q, "[B, H, N, d]")
-    _check4("k", k, "[B, H, N, d]")
-    if q.shape != k.shape:
-        raise ValueError(f"q {_shape(q)} and k {_shape(k)} must have the same shape [B, H, N, d]")
-    if q.device != k.device:
-        raise ValueError(f"q ({q.device}) and k ({k.device}) must be on the same device")
-
-
 def _check_like_rows(name: str, x, q) -> None:
+    """``x`` is ``[B, H, N, d_v]`` with the batch, heads and tokens of ``q``, on its device."""
     B, H, N, _ = q.shape
-    _check4(name, x, f"[B, H, N, d_v] = [{B}, {H}, {N}, d_v]")
+    expected = f"[B, H, N, d_v] = [{B}, {H}, {N}, d_v]"
+    check.float4(name, x, expected)
     if tuple(x.shape[:3]) != (B, H, N):
-        raise ValueError(f"{name} must have shape [B, H, N, d_v] = [{B}, {H}, {N}, d_v], got {_shape(x)}")
+        raise ValueError(f"{name} must have shape {expected}, got {check.shape(x)}")
     if x.device != q.device:
-        raise ValueError(f"{name} ({x.device}) must be on the device of q ({q.device})")
+        raise ValueError(f"{name} is on {x.device}, q on {q.device}: all inputs must be on one device")
 
 
-def _check_lse(lse, q) -> torch.Tensor | None:
-    if lse is None:
-        return None
+def _check_v_grad(v, grad_out, q) -> None:
+    _check_like_rows("v", v, q)
+    _check_like_rows("grad_out", grad_out, q)
+    if grad_out.shape != v.shape:
+        raise ValueError(f"grad_out must have the shape of v {check.shape(v)}, got {check.shape(grad_out)}")
+    check.same_kind("v", v, "grad_out", grad_out)
+
+
+def _lse(lse, q):
     B, H, N, _ = q.shape
-    if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (B, H, N) or not lse.is_floating_point():
-        got = _shape(lse) if isinstance(lse, torch.Tensor) else type(lse).__name__
-        raise ValueError(f"lse must be a float tensor of shape [B, H, N] = [{B}, {H}, {N}], got {got}")
-    if lse.device != q.device:
-        raise ValueError(f"lse ({lse.device}) must be on the device of q ({q.device})")
-    return lse.float()
+    lse = check.lse("lse", lse, B, H, N, q.device)
+    return None if lse is None else lse.float()
 
 
-def _scale(scale, d: int) -> float:
-    if scale is None:
-        return 1.0 / math.sqrt(d)
-    s = float(scale)
-    if not math.isfinite(s) or s <= 0:
-        raise ValueError(f"scale must be a positive finite float (logits = scale * q @ k^T), got {scale!r}")
-    return s
-
-
-def _impl(device: torch.device):
-    choice = dispatch.select(device, "head_importance")
-    if choice == "triton":
-        return choice, importlib.import_module("fastkd.kernels.head_importance")
-    if choice == "torch":
-        return choice, importlib.import_module("fastkd.kernels.head_importance_torch")
-    return choice, importlib.import_module("fastkd.kernels.reference")
-
-
-def _triton_ready(*xs):
-    # the kernels compute in fp32; fp64 inputs are cast down (the torch path keeps fp64)
-    return [x if x is None or x.dtype != torch.float64 else x.float() for x in xs]
+def _select(q: torch.Tensor, *others: torch.Tensor) -> str:
+    return dispatch.select(q.device, "head_importance", dtypes=tuple(dict.fromkeys(x.dtype for x in (q, *others))))
 
 
 def gradient_importance(out: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
@@ -119,13 +83,14 @@ def gradient_importance(out: torch.Tensor, grad_out: torch.Tensor) -> torch.Tens
     Returns:
         fp32 ``[B, H]`` (per sample; average over samples for the data-set score).
     """
-    _check4("out", out, "[B, H, N, d_v]")
+    check.float4("out", out, "[B, H, N, d_v]")
     _check_like_rows("grad_out", grad_out, out)
     if grad_out.shape != out.shape:
-        raise ValueError(f"grad_out must have the shape of out {_shape(out)}, got {_shape(grad_out)}")
-    from fastkd.kernels import head_importance_torch
-
-    return head_importance_torch.gradient_importance(out.detach(), grad_out.detach()).float()
+        raise ValueError(f"grad_out must have the shape of out {check.shape(out)}, got {check.shape(grad_out)}")
+    check.check_finite(None, out=out, grad_out=grad_out)
+    with torch.no_grad():  # a reduction over B*H*N*d with no attention map: the same torch code on every device
+        dt = custom_ops.stat_dtype(out, grad_out)
+        return torch.einsum("bhnd,bhnd->bh", out.to(dt), grad_out.to(dt)).abs().float()
 
 
 def attribution_importance(
@@ -148,20 +113,14 @@ def attribution_importance(
     Returns:
         fp32 ``[B, H]`` per sample.
     """
-    _check_qk(q, k)
-    _check_like_rows("v", v, q)
-    _check_like_rows("grad_out", grad_out, q)
-    if grad_out.shape != v.shape:
-        raise ValueError(f"grad_out must have the shape of v {_shape(v)}, got {_shape(grad_out)}")
-    s = _scale(scale, q.shape[-1])
-    lse = _check_lse(lse, q)
+    check.same_qk("q", q, "k", k)
+    _check_v_grad(v, grad_out, q)
+    s = check.scale("scale", scale, q.shape[-1])
+    lse = _lse(lse, q)
+    check.check_finite(None, q=q, k=k, v=v, grad_out=grad_out, lse=lse)
+    impl = _select(q, v)
     q, k, v, grad_out = (x.detach() for x in (q, k, v, grad_out))
-    choice, impl = _impl(q.device)
-    if choice == "reference":
-        return impl.attribution_importance_reference(q, k, v, grad_out, s, upcast=False).float()
-    if choice == "triton":
-        q, k, v, grad_out = _triton_ready(q, k, v, grad_out)
-    return impl.attribution_importance(q, k, v, grad_out, s, lse).float()
+    return custom_ops.attribution_rows(q, k, v, grad_out, s, lse, impl).sum(-1).float()
 
 
 def entropy_importance(
@@ -175,16 +134,12 @@ def entropy_importance(
     Returns:
         fp32 ``[B, H]`` per sample (0 = every row on one key, ``log N`` = uniform rows).
     """
-    _check_qk(q, k)
-    s = _scale(scale, q.shape[-1])
-    lse = _check_lse(lse, q)
-    q, k = q.detach(), k.detach()
-    choice, impl = _impl(q.device)
-    if choice == "reference":
-        return impl.entropy_importance_reference(q, k, s, upcast=False).float()
-    if choice == "triton":
-        q, k = _triton_ready(q, k)
-    return impl.entropy_importance(q, k, s, lse).float()
+    check.same_qk("q", q, "k", k)
+    s = check.scale("scale", scale, q.shape[-1])
+    lse = _lse(lse, q)
+    check.check_finite(None, q=q, k=k, lse=lse)
+    impl = _select(q)
+    return custom_ops.entropy_rows(q.detach(), k.detach(), s, lse, impl).mean(-1).float()
 
 
 def head_importance(
@@ -214,13 +169,12 @@ def head_importance(
         raise ValueError(f"score={score!r} needs v and grad_out, each of shape [B, H, N, d_v]")
     if score == "attribution":
         return attribution_importance(q, k, v, grad_out, scale=scale, lse=lse)
-    _check_qk(q, k)
-    _check_like_rows("v", v, q)
+    check.same_qk("q", q, "k", k)
+    _check_v_grad(v, grad_out, q)
     if out is None:
-        s = _scale(scale, q.shape[-1])
-        choice = dispatch.select(q.device, "head_importance")
+        s = check.scale("scale", scale, q.shape[-1])
         with torch.no_grad():
-            if choice == "reference":
+            if _select(q, v) == "reference":
                 from fastkd.kernels.reference import attention_probs_reference
 
                 out = attention_probs_reference(q, k, s, upcast=False) @ v.float()

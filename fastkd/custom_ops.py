@@ -1,0 +1,135 @@
+"""fastkd's ops as PyTorch custom ops (``torch.library``): one graph node per op for ``torch.compile``.
+
+* ``fastkd::attention_kl`` -> ``(kl, lse_s_rows, lse_t_rows)``, each ``[B, P, R]``; autograd registered
+  through ``fastkd::attention_kl_backward`` -> ``(dq_s, dk_s)`` (the teacher gets no gradient).
+* ``fastkd::attribution_rows`` / ``fastkd::entropy_rows`` -> per-row head-importance statistics
+  ``[B, H, N]`` (no autograd: statistics, not losses).
+
+Each op takes the implementation's name (``impl``), chosen on the host by :func:`fastkd.dispatch.select`, and
+calls that backend's entry point: the Triton launchers for CUDA tensors (or the CPU through the interpreter),
+the streaming torch code for CPU tensors, or the reference. Index arguments (``pairs``, ``rows``) arrive as
+device tensors already validated on the host by :mod:`fastkd.functional`; nothing here reads tensor values.
+Fake implementations give output shapes and dtypes without running anything, so the ops trace under
+``torch.compile`` (``fullgraph=True``) and pass ``torch.library.opcheck``.
+
+Inputs are trusted here: call the validated functions in :mod:`fastkd.functional` instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastkd import dispatch
+
+
+def stat_dtype(*tensors: Tensor) -> torch.dtype:
+    """dtype of the ops' statistics: fp64 when an input is fp64 (torch and reference backends), else fp32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------- attention_kl
+@torch.library.custom_op("fastkd::attention_kl", mutates_args=())
+def attention_kl(
+    q_s: Tensor,
+    k_s: Tensor,
+    q_t: Tensor,
+    k_t: Tensor,
+    pairs: Tensor,
+    rows: Tensor,
+    key_mask: Tensor | None,
+    scale_s: float,
+    scale_t: float,
+    reverse: bool,
+    lse_s: Tensor | None,
+    lse_t: Tensor | None,
+    impl: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row KL ``[B, P, R]`` and the per-row LSEs the backward needs (see :func:`fastkd.functional.attention_kl`)."""
+    backend = dispatch.load("attention_kl", impl)
+    kl, ls, lt = backend.attention_kl_forward(
+        q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse, lse_s, lse_t
+    )
+    dt = stat_dtype(q_s, q_t)
+    return kl.to(dt), ls.to(dt), lt.to(dt)
+
+
+@attention_kl.register_fake
+def _attention_kl_fake(q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse, lse_s, lse_t, impl):
+    kl = q_s.new_empty((q_s.shape[0], pairs.shape[0], rows.shape[0]), dtype=stat_dtype(q_s, q_t))
+    return kl, torch.empty_like(kl), torch.empty_like(kl)
+
+
+@torch.library.custom_op("fastkd::attention_kl_backward", mutates_args=())
+def attention_kl_backward(
+    grad: Tensor,
+    q_s: Tensor,
+    k_s: Tensor,
+    q_t: Tensor,
+    k_t: Tensor,
+    pairs: Tensor,
+    rows: Tensor,
+    key_mask: Tensor | None,
+    scale_s: float,
+    scale_t: float,
+    reverse: bool,
+    lse_s_rows: Tensor,
+    lse_t_rows: Tensor,
+    kl: Tensor,
+    impl: str,
+) -> tuple[Tensor, Tensor]:
+    """``(dq_s, dk_s)`` of ``sum(grad * kl)``, in the dtypes of ``q_s, k_s``."""
+    backend = dispatch.load("attention_kl", impl)
+    dq, dk = backend.attention_kl_backward(
+        grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse, lse_s_rows, lse_t_rows, kl
+    )
+    return dq.to(q_s.dtype), dk.to(k_s.dtype)
+
+
+@attention_kl_backward.register_fake
+def _attention_kl_backward_fake(grad, q_s, k_s, *_):
+    return torch.empty_like(q_s), torch.empty_like(k_s)
+
+
+def _attention_kl_setup(ctx, inputs, output):
+    q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse, _, _, impl = inputs
+    kl, ls, lt = output
+    ctx.save_for_backward(q_s, k_s, q_t, k_t, pairs, rows, key_mask, ls, lt, kl)
+    ctx.args = (scale_s, scale_t, reverse)
+    ctx.impl = impl
+
+
+def _attention_kl_grad(ctx, grad, _grad_ls, _grad_lt):
+    q_s, k_s, q_t, k_t, pairs, rows, key_mask, ls, lt, kl = ctx.saved_tensors
+    dq = dk = None
+    if grad is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+        dq, dk = attention_kl_backward(grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, *ctx.args, ls, lt, kl, ctx.impl)
+    return dq, dk, None, None, None, None, None, None, None, None, None, None, None
+
+
+attention_kl.register_autograd(_attention_kl_grad, setup_context=_attention_kl_setup)
+
+
+# ---------------------------------------------------------------------------------------------- head importance
+@torch.library.custom_op("fastkd::attribution_rows", mutates_args=())
+def attribution_rows(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, scale: float, lse: Tensor | None,
+                     impl: str) -> Tensor:  # fmt: skip
+    """Per query row ``sum_j |P_ij (dO_i . v_j)|``, ``[B, H, N]``."""
+    out = dispatch.load("head_importance", impl).attribution_rows(q, k, v, grad_out, scale, lse)
+    return out.to(stat_dtype(q))
+
+
+@attribution_rows.register_fake
+def _attribution_rows_fake(q, k, v, grad_out, scale, lse, impl):
+    return q.new_empty(q.shape[:3], dtype=stat_dtype(q))
+
+
+@torch.library.custom_op("fastkd::entropy_rows", mutates_args=())
+def entropy_rows(q: Tensor, k: Tensor, scale: float, lse: Tensor | None, impl: str) -> Tensor:
+    """Per query row attention entropy ``-sum_j P_ij log P_ij`` (nats), ``[B, H, N]``."""
+    return dispatch.load("head_importance", impl).entropy_rows(q, k, scale, lse).to(stat_dtype(q))
+
+
+@entropy_rows.register_fake
+def _entropy_rows_fake(q, k, scale, lse, impl):
+    return q.new_empty(q.shape[:3], dtype=stat_dtype(q))
