@@ -39,8 +39,9 @@ def _attention_kl_args(impl, reverse=False, with_lse=False, seed=0):
     mask = torch.rand(2, 13, generator=gen) > 0.2
     lse_s = lse_t = None
     if with_lse:
-        lse_s = torch.logsumexp(0.25 * q_s.detach() @ k_s.detach().transpose(-1, -2) - (~mask[:, None, None]) * 1e30, -1)
-        lse_t = torch.logsumexp(0.3 * q_t @ k_t.transpose(-1, -2) - (~mask[:, None, None]) * 1e30, -1)
+        off = (~mask[:, None, None]) * 1e30  # masked keys out of the LSE
+        lse_s = torch.logsumexp(0.25 * q_s.detach() @ k_s.detach().transpose(-1, -2) - off, -1)
+        lse_t = torch.logsumexp(0.3 * q_t @ k_t.transpose(-1, -2) - off, -1)
     return (q_s, k_s, q_t, k_t, pairs, rows, mask, 0.25, 0.3, reverse, lse_s, lse_t, impl)
 
 
@@ -68,12 +69,14 @@ def _loss_like_ssta(q_s, k_s, q_t, k_t, key_mask):
                         key_mask=key_mask, reduction="mean", direction="reverse")  # fmt: skip
 
 
+_ATTNDISTILL = types.SimpleNamespace(aggregation=False, t_agg=1.0)  # the settings the kernel path reads
+
+
 def _loss_like_attndistill(q_s, k_s, q_t, k_t, key_mask):
     """AttnDistill's kernel path as the method writes it (rows built as a tensor inside the loss)."""
     from fastkd.methods.attndistill import AttnDistill
 
-    method = types.SimpleNamespace(aggregation=False, t_agg=1.0)
-    return AttnDistill._attention_loss_kernel(method, q_s, k_s, 0.2, q_t, k_t, 0.3, None, None)
+    return AttnDistill._attention_loss_kernel(_ATTNDISTILL, q_s, k_s, 0.2, q_t, k_t, 0.3, None, None)
 
 
 @pytest.mark.parametrize("loss_fn", [_loss_like_ssta, _loss_like_attndistill], ids=["ssta", "attndistill"])
@@ -112,8 +115,10 @@ def test_compile_fullgraph_no_graph_breaks(loss_fn):
 
 # ------------------------------------------------------------------------------------------- no host syncs
 class NoSync(TorchDispatchMode):
-    """Fails on any op that makes the host wait for the device: .item()/int()/bool() of a tensor, nonzero
-    (boolean indexing), unique, and copies from a device to the CPU."""
+    """Fails on any op that makes the host wait for the device: .item()/int()/bool() of a tensor, nonzero,
+    unique, and copies from a device to the CPU. Looks inside fastkd's custom ops too (a mode is switched off
+    while its handler runs, so it is pushed again around them). Boolean-mask indexing syncs on CUDA only
+    through an internal nonzero the CPU kernel does not dispatch: on the CPU this sees ``nonzero()`` calls."""
 
     FORBIDDEN = ("aten::_local_scalar_dense", "aten::nonzero", "aten::unique", "aten::_unique", "aten::item")
 
@@ -127,6 +132,11 @@ class NoSync(TorchDispatchMode):
             dst = args[0].device if name == "aten::copy_" else kwargs.get("device", src.device)
             if isinstance(src, torch.Tensor) and src.device.type != "cpu" and torch.device(dst).type == "cpu":
                 raise AssertionError(f"device-to-host copy inside the op layer: {func}")
+        if func.namespace == "fastkd":  # run the op's Python implementation under this mode
+            from torch._library.custom_ops import OPDEFS
+
+            with NoSync():
+                return OPDEFS[name]._init_fn(*args, **kwargs)
         return func(*args, **kwargs)
 
 
@@ -135,12 +145,22 @@ def test_sync_detector_catches_syncs():
     with pytest.raises(AssertionError, match="host sync"), NoSync():
         int(r.min())
     with pytest.raises(AssertionError, match="host sync"), NoSync():
-        r[r > 2]
+        r.nonzero()
+    with pytest.raises(AssertionError, match="host sync"), NoSync():
+        bool(r.any())
     with pytest.raises(AssertionError, match="host sync"), NoSync():
         torch.unique(r)
 
 
-@pytest.mark.parametrize("impl", ["torch", "reference"])
+@pytest.mark.parametrize(
+    "impl",
+    [
+        "torch",
+        pytest.param("triton", marks=pytest.mark.xfail(strict=True, reason=(
+            "attention_kl_backward (kernels/attention_kl.py) still decides its write mode from the device values "
+            "(pairs[:, 0].tolist(), torch.unique(rows)); it needs that host metadata as an argument"))),
+    ],
+)  # fmt: skip
 def test_no_host_sync_in_forward_and_backward(impl):
     """Index arguments given as host values (lists, CPU tensors): nothing reads a tensor value on the host."""
     gen = torch.Generator().manual_seed(11)
@@ -248,7 +268,7 @@ def test_empty_batch_names_the_argument(impl):
     "overrides, match",
     [
         (dict(pairs=[(0, 2**70)]), r"pairs: teacher head index 1180591620717411303424 out of range"),
-        (dict(pairs=torch.tensor([[0, 2**62]])), r"pairs: teacher head index \d+ out of range; expected 0 <= index < 3"),
+        (dict(pairs=torch.tensor([[0, 2**62]])), r"pairs: teacher head index \d+ out of range; expected 0 <= index"),
         (dict(rows=[2**63 + 5]), r"rows: index out of range; expected 0 <= row < N=6"),
         (dict(pairs=[(0.0, 1)]), r"pairs must be P >= 1 \(student_head, teacher_head\) pairs"),
         (dict(rows=[True]), r"rows must be None or a 1-D integer index"),
