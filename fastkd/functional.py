@@ -1,4 +1,10 @@
-"""fastkd's public ops (typed, validated, documented); implementations live in ``fastkd.kernels``."""
+"""fastkd's public ops (typed, validated, documented).
+
+Each op validates its arguments on the host, picks an implementation through the registry in
+:mod:`fastkd.dispatch` and runs it as a PyTorch custom op (:mod:`fastkd.custom_ops`), one graph node under
+``torch.compile``. Index arguments given as host values (lists, ranges, CPU tensors) are checked without any
+device-to-host synchronisation and copied to the device once per (values, device).
+"""
 
 from __future__ import annotations
 
@@ -157,10 +163,12 @@ def attention_kl(
         q_t, k_t: teacher queries and keys ``[B, H_t, N, d_t]``; must not require grad (the teacher is frozen).
         pairs: ``P`` pairs ``(student_head, teacher_head)`` (list or int tensor ``[P, 2]``). A student head may
             appear in several pairs (e.g. SSTA: one student head, a teacher and an assistant). Default: head
-            ``i`` with head ``i`` (needs ``H_s == H_t``).
+            ``i`` with head ``i`` (needs ``H_s == H_t``). Host values cost no synchronisation; a CUDA tensor is
+            read once per tensor (under ``torch.compile`` it is range-checked on the device instead).
         scale_s, scale_t: logit scales; default ``d ** -0.5`` of each side. A temperature ``tau`` is
             ``scale / tau``.
-        rows: query rows to compare, a 1-D index tensor (``[0]`` = CLS row only); default all ``N`` rows.
+        rows: query rows to compare, a 1-D index (list, range or tensor; ``[0]`` = CLS row only); default all
+            ``N`` rows; never empty. Read like ``pairs``.
         key_mask: bool ``[N]`` or ``[B, N]``, True for keys that take part; masked keys are dropped from both
             softmaxes (e.g. a distillation token the teacher lacks). A row with no kept key has KL 0.
         reduction: ``"none"`` -> ``[B, P, R]``; ``"sum"``; ``"mean"`` (over ``B·P·R``); ``"batchmean"`` (sum / B).
@@ -168,8 +176,9 @@ def attention_kl(
         direction: ``"forward"`` = ``KL(P_t || P_s)`` (teacher as target); ``"reverse"`` = ``KL(P_s || P_t)``.
         lse_s, lse_t: optional ``[B, H, N]`` natural-log LSEs of ``scale * q k^T`` per row (e.g. returned by the
             attention forward); when given the kernel does not recompute them.
-        check_finite: check inputs for NaN/inf (default: ``FASTKD_DEBUG=1``).
-        impl: ``"triton" | "torch" | "reference"`` to override :mod:`fastkd.dispatch` for this call.
+        check_finite: check inputs (and given LSEs) for NaN/inf (default: ``FASTKD_DEBUG=1``; a sync per call).
+        impl: a registered implementation (``"triton" | "torch" | "reference"``; ``fastkd info`` lists them) for
+            this call instead of the default or ``FASTKD_KERNELS``; the same checks apply.
 
     Returns:
         fp32 tensor: ``[B, P, R]`` for ``reduction="none"``, else a scalar. Gradients flow to ``q_s`` and ``k_s``.
@@ -178,7 +187,7 @@ def attention_kl(
 
         >>> q_s, k_s = torch.randn(2, 6, 197, 64, requires_grad=True), torch.randn(2, 6, 197, 64, requires_grad=True)
         >>> q_t, k_t = torch.randn(2, 12, 197, 64), torch.randn(2, 12, 197, 64)
-        >>> loss = attention_kl(q_s, k_s, q_t, k_t, pairs=[(0, 3), (0, 7)], rows=torch.tensor([0]))
+        >>> loss = attention_kl(q_s, k_s, q_t, k_t, pairs=[(0, 3), (0, 7)], rows=[0])
         >>> loss.backward()
     """
     check.same_qk("q_s", q_s, "k_s", k_s, "[B, H_s, N, d_s]")

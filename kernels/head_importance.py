@@ -2,7 +2,7 @@
 
 Layers: the ``@triton.jit`` kernel, the launchers ``attribution_rows`` / ``entropy_rows`` and the per-head
 reductions ``attribution_importance`` / ``entropy_importance``. The public, validated entry points are in
-:mod:`fastkd.importance_ops` (re-exported by :mod:`fastkd.functional`). These are statistics, not losses:
+:mod:`fastkd.importance.ops` (re-exported by :mod:`fastkd.functional`). These are statistics, not losses:
 no autograd (inputs are read as they are; outputs carry no graph).
 
 Inputs follow the attention taps: ``q, k, v, dO`` ``[B, H, N, d]`` with any strides, ``lse`` ``[B, H, N]``
