@@ -355,3 +355,12 @@ def test_stat_dtype_matches_the_backends():
     """The fake implementations promise fp32 statistics (fp64 for fp64 inputs): what every backend returns."""
     assert custom_ops.stat_dtype(torch.empty(1, dtype=torch.bfloat16)) == torch.float32
     assert custom_ops.stat_dtype(torch.empty(1), torch.empty(1, dtype=torch.float64)) == torch.float64
+
+
+def test_ssta_loads_the_importance_library_not_the_command():
+    import subprocess
+
+    code = ("import sys, fastkd.methods.ssta, fastkd.importance; "
+            "assert 'fastkd.importance.command' not in sys.modules, 'the command module was imported'")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
