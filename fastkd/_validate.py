@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from fastkd.dispatch import FLOATS
 
@@ -110,18 +111,13 @@ def as_int(name: str, v, expected: str) -> int:
         raise ValueError(f"{name} must be {expected}, got {v!r}") from None
 
 
-_HOST_CACHE = None
+_HOST_CACHE = WeakIdKeyDictionary()  # device index tensor -> (version, values)
 
 
 def _tensor_values(t: torch.Tensor) -> list:
     """``t.tolist()``, cached per tensor object and version: an index tensor built once is read once."""
-    global _HOST_CACHE
     if t.device.type == "cpu":
         return t.tolist()  # reads memory directly: no dispatch, no sync
-    if _HOST_CACHE is None:
-        from torch.utils.weak import WeakIdKeyDictionary
-
-        _HOST_CACHE = WeakIdKeyDictionary()
     hit = _HOST_CACHE.get(t)
     if hit is not None and hit[0] == t._version:
         return hit[1]

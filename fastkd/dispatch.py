@@ -99,9 +99,7 @@ def forced() -> str | None:
     if not value or value == "auto":
         return None
     if value not in implementations():
-        raise ValueError(
-            f"{ENV_VAR}={value!r} is not valid; expected one of {', '.join(implementations())} or 'auto'"
-        )
+        raise ValueError(f"{ENV_VAR}={value!r} is not valid; expected one of {', '.join(implementations())} or 'auto'")
     return value
 
 

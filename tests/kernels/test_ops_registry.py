@@ -100,7 +100,8 @@ def test_compile_fullgraph_no_graph_breaks(loss_fn):
     qs64, ks64 = q_s.detach().double().requires_grad_(True), k_s.detach().double().requires_grad_(True)
     if loss_fn is _loss_like_ssta:
         kl = attention_kl_reference(qs64, ks64, q_t.double(), k_t.double(), torch.tensor([[1, 0]]), 0.2, 0.3,
-                                    rows=torch.tensor([0, 2, 3, 4]), key_mask=mask.expand(2, 9), direction="reverse")
+                                    rows=torch.tensor([0, 2, 3, 4]), key_mask=mask.expand(2, 9),
+                                    direction="reverse")  # fmt: skip
         want = kl.mean()
     else:
         pairs = torch.tensor([[0, 0], [1, 1]])
