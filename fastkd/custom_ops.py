@@ -43,9 +43,15 @@ def attention_kl(
     reverse: bool,
     lse_s: Tensor | None,
     lse_t: Tensor | None,
+    unique_heads: bool,
+    unique_rows: bool,
     impl: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row KL ``[B, P, R]`` and the per-row LSEs the backward needs (see :func:`fastkd.functional.attention_kl`)."""
+    """Per-row KL ``[B, P, R]`` and the per-row LSEs the backward needs (see :func:`fastkd.functional.attention_kl`).
+
+    ``unique_heads`` / ``unique_rows``: host metadata for the backward (every pair has its own student head; no
+    row repeats), decided from host values by the caller; False is always safe.
+    """
     backend = dispatch.load("attention_kl", impl)
     kl, ls, lt = backend.attention_kl_forward(
         q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse, lse_s, lse_t
@@ -55,7 +61,7 @@ def attention_kl(
 
 
 @attention_kl.register_fake
-def _attention_kl_fake(q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse, lse_s, lse_t, impl):
+def _attention_kl_fake(q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse, lse_s, lse_t, *_):
     kl = q_s.new_empty((q_s.shape[0], pairs.shape[0], rows.shape[0]), dtype=stat_dtype(q_s, q_t))
     return kl, torch.empty_like(kl), torch.empty_like(kl)
 
@@ -76,13 +82,16 @@ def attention_kl_backward(
     lse_s_rows: Tensor,
     lse_t_rows: Tensor,
     kl: Tensor,
+    unique_heads: bool,
+    unique_rows: bool,
     impl: str,
 ) -> tuple[Tensor, Tensor]:
     """``(dq_s, dk_s)`` of ``sum(grad * kl)``, in the dtypes of ``q_s, k_s``."""
     backend = dispatch.load("attention_kl", impl)
     dq, dk = backend.attention_kl_backward(
-        grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse, lse_s_rows, lse_t_rows, kl
-    )
+        grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse, lse_s_rows, lse_t_rows, kl,
+        unique_heads=unique_heads, unique_rows=unique_rows,
+    )  # fmt: skip
     return dq.to(q_s.dtype), dk.to(k_s.dtype)
 
 
@@ -92,19 +101,20 @@ def _attention_kl_backward_fake(grad, q_s, k_s, *_):
 
 
 def _attention_kl_setup(ctx, inputs, output):
-    q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse, _, _, impl = inputs
+    q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse, _, _, unique_heads, unique_rows, impl = inputs
     kl, ls, lt = output
     ctx.save_for_backward(q_s, k_s, q_t, k_t, pairs, rows, key_mask, ls, lt, kl)
     ctx.args = (scale_s, scale_t, reverse)
-    ctx.impl = impl
+    ctx.host = (unique_heads, unique_rows, impl)
 
 
 def _attention_kl_grad(ctx, grad, _grad_ls, _grad_lt):
     q_s, k_s, q_t, k_t, pairs, rows, key_mask, ls, lt, kl = ctx.saved_tensors
     dq = dk = None
     if grad is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-        dq, dk = attention_kl_backward(grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, *ctx.args, ls, lt, kl, ctx.impl)
-    return dq, dk, None, None, None, None, None, None, None, None, None, None, None
+        inputs = (q_s, k_s, q_t, k_t, pairs, rows, key_mask)
+        dq, dk = attention_kl_backward(grad, *inputs, *ctx.args, ls, lt, kl, *ctx.host)
+    return (dq, dk) + (None,) * 13
 
 
 attention_kl.register_autograd(_attention_kl_grad, setup_context=_attention_kl_setup)

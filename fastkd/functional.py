@@ -102,6 +102,10 @@ def _cached_index(values: tuple, device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=device)
 
 
+def _distinct(values: tuple) -> bool:
+    return len(set(values)) == len(values)
+
+
 def _index_tensor(values: tuple | None, given, device: torch.device, bound: tuple[int, ...]) -> torch.Tensor:
     """Host values as a long device tensor, built once per (values, device); under torch.compile a tensor
     argument whose values are unknown is range-checked on the device instead (no synchronisation)."""
@@ -218,8 +222,12 @@ def attention_kl(
     if direction not in _DIRECTIONS:
         raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
     device = q_s.device
-    pairs_t = _index_tensor(_host_pairs(pairs, H_s, H_t), pairs, device, (H_s, H_t))
-    rows_t = _index_tensor(_host_rows(rows, N), rows, device, (N,))
+    host_pairs, host_rows = _host_pairs(pairs, H_s, H_t), _host_rows(rows, N)
+    pairs_t = _index_tensor(host_pairs, pairs, device, (H_s, H_t))
+    rows_t = _index_tensor(host_rows, rows, device, (N,))
+    # host metadata for the backward: can each (head, row) gradient be written once, without accumulation?
+    unique_heads = host_pairs is not None and _distinct(tuple(h for h, _ in host_pairs))
+    unique_rows = host_rows is not None and _distinct(host_rows)
     mask_t = _normalize_mask(key_mask, B, N, device)
     lse_s = check.lse("lse_s", lse_s, B, H_s, N, device)
     lse_t = check.lse("lse_t", lse_t, B, H_t, N, device)
@@ -227,8 +235,9 @@ def attention_kl(
     check.check_finite(check_finite, q_s=q_s, k_s=k_s, q_t=q_t, k_t=k_t, lse_s=lse_s, lse_t=lse_t)
     choice = dispatch.select(device, "attention_kl", impl=impl, dtypes=(q_s.dtype, q_t.dtype))
     kl, _, _ = custom_ops.attention_kl(
-        q_s, k_s, q_t, k_t, pairs_t, rows_t, mask_t, a_s, a_t, direction == "reverse", lse_s, lse_t, choice
-    )
+        q_s, k_s, q_t, k_t, pairs_t, rows_t, mask_t, a_s, a_t, direction == "reverse", lse_s, lse_t,
+        unique_heads, unique_rows, choice,
+    )  # fmt: skip
     if reduction == "none":
         return kl
     total = kl.sum()

@@ -384,21 +384,24 @@ def attention_kl_forward(q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, sca
 
 
 def attention_kl_backward(grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse,
-                          lse_s_rows, lse_t_rows, kl):
+                          lse_s_rows, lse_t_rows, kl, *, unique_heads: bool | None = None,
+                          unique_rows: bool | None = None):
     """Launch the two backward kernels; returns ``(dq_s, dk_s)`` in the dtypes of ``q_s, k_s``.
 
     When every pair has its own student head and the rows are distinct (the common case), each element of
     ``dq_s``/``dk_s`` has exactly one writer and the kernels store straight into them in the input dtype.
     Otherwise (a student head in several pairs, repeated rows) each (batch, pair) program writes its own slice
     of fp32 buffers ``[B, P, R, d_s]`` / ``[B, P, N, d_s]`` and one index_add sums them: deterministic, no atomics.
+    ``unique_heads`` / ``unique_rows``: that decision from host values; when None it is read from the device.
     """
     B, H_s, N, DS = q_s.shape
     DT = q_t.shape[-1]
     P, R = pairs.shape[0], rows.numel()
     dev = q_s.device
-    heads = pairs[:, 0].tolist()
-    unique_heads = len(set(heads)) == P
-    unique_rows = R <= 1 or torch.unique(rows).numel() == R
+    if unique_heads is None:
+        unique_heads = len(set(pairs[:, 0].tolist())) == P
+    if unique_rows is None:
+        unique_rows = R <= 1 or torch.unique(rows).numel() == R
     direct = unique_heads and unique_rows
     if direct:
         covers_all = P == H_s and R == N  # every head and row written: no zero fill needed

@@ -101,8 +101,11 @@ def attention_kl_forward(q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, sca
 
 
 def attention_kl_backward(grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse,
-                                lse_s, lse_t, kl):
-    """Gradients ``(dq_s, dk_s)`` of ``sum(grad * kl)``; ``lse_s, lse_t, kl`` are the forward's ``[B, P, R]``."""
+                          lse_s, lse_t, kl, *, unique_heads=None, unique_rows=None):
+    """Gradients ``(dq_s, dk_s)`` of ``sum(grad * kl)``; ``lse_s, lse_t, kl`` are the forward's ``[B, P, R]``.
+
+    ``unique_heads`` / ``unique_rows`` are not needed: the gradients are accumulated either way.
+    """
     B, H_s, N, _ = q_s.shape
     P, R = pairs.shape[0], rows.numel()
     dtype = compute_dtype(q_s, q_t)

@@ -141,11 +141,11 @@ def attention_kl_forward(q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, sca
 
 
 def attention_kl_backward(grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse,
-                          lse_s_rows, lse_t_rows, kl):
+                          lse_s_rows, lse_t_rows, kl, *, unique_heads=None, unique_rows=None):
     """``(dq_s, dk_s)`` of ``sum(grad * kl)``: the vector-Jacobian product of :func:`attention_kl_reference`.
 
     ``torch.func.vjp`` rather than ``torch.autograd``: it also differentiates inside a custom op's backward,
-    where the autograd dispatch keys are off.
+    where the autograd dispatch keys are off. The host metadata (``unique_*``) is not needed here.
     """
     direction, upcast = "reverse" if reverse else "forward", _fp64(q_s, q_t)
 

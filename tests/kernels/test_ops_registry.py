@@ -29,27 +29,28 @@ def _qk(B, H, N, d, gen, requires_grad=False):
     return q.requires_grad_(requires_grad), k.requires_grad_(requires_grad)
 
 
-def _attention_kl_args(impl, reverse=False, with_lse=False, seed=0):
-    """Positional arguments of fastkd::attention_kl: repeated student head and row, a mask, N=13."""
+def _attention_kl_args(impl, reverse=False, with_lse=False, unique=False, seed=0):
+    """Positional arguments of fastkd::attention_kl, N=13 with a mask: a repeated student head and row, or
+    (``unique``) distinct heads and rows, declared so in the host metadata."""
     gen = torch.Generator().manual_seed(seed)
     q_s, k_s = _qk(2, 2, 13, 16, gen, requires_grad=True)
     q_t, k_t = _qk(2, 3, 13, 16, gen)
-    pairs = torch.tensor([[0, 2], [1, 0], [0, 1]])
-    rows = torch.tensor([0, 4, 4, 12])
+    pairs = torch.tensor([[0, 2], [1, 0]] if unique else [[0, 2], [1, 0], [0, 1]])
+    rows = torch.tensor([0, 4, 12] if unique else [0, 4, 4, 12])
     mask = torch.rand(2, 13, generator=gen) > 0.2
     lse_s = lse_t = None
     if with_lse:
         off = (~mask[:, None, None]) * 1e30  # masked keys out of the LSE
         lse_s = torch.logsumexp(0.25 * q_s.detach() @ k_s.detach().transpose(-1, -2) - off, -1)
         lse_t = torch.logsumexp(0.3 * q_t @ k_t.transpose(-1, -2) - off, -1)
-    return (q_s, k_s, q_t, k_t, pairs, rows, mask, 0.25, 0.3, reverse, lse_s, lse_t, impl)
+    return (q_s, k_s, q_t, k_t, pairs, rows, mask, 0.25, 0.3, reverse, lse_s, lse_t, unique, unique, impl)
 
 
 # ------------------------------------------------------------------------------------------- custom ops
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("reverse, with_lse", [(False, False), (True, True)])
-def test_opcheck_attention_kl(impl, reverse, with_lse):
-    args = _attention_kl_args(impl, reverse, with_lse and impl != "reference")
+@pytest.mark.parametrize("reverse, with_lse, unique", [(False, False, False), (True, True, True)])
+def test_opcheck_attention_kl(impl, reverse, with_lse, unique):
+    args = _attention_kl_args(impl, reverse, with_lse and impl != "reference", unique)
     torch.library.opcheck(torch.ops.fastkd.attention_kl.default, args)
 
 
@@ -153,15 +154,7 @@ def test_sync_detector_catches_syncs():
         torch.unique(r)
 
 
-@pytest.mark.parametrize(
-    "impl",
-    [
-        "torch",
-        pytest.param("triton", marks=pytest.mark.xfail(strict=True, reason=(
-            "attention_kl_backward (kernels/attention_kl.py) still decides its write mode from the device values "
-            "(pairs[:, 0].tolist(), torch.unique(rows)); it needs that host metadata as an argument"))),
-    ],
-)  # fmt: skip
+@pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_no_host_sync_in_forward_and_backward(impl):
     """Index arguments given as host values (lists, CPU tensors): nothing reads a tensor value on the host."""
     gen = torch.Generator().manual_seed(11)
@@ -222,9 +215,9 @@ def test_a_new_backend_is_one_module_and_one_registration(monkeypatch, capsys):
         calls.append("forward")
         return attention_kl_torch.attention_kl_forward(*args)
 
-    def backward(*args):
+    def backward(*args, **host_metadata):
         calls.append("backward")
-        return attention_kl_torch.attention_kl_backward(*args)
+        return attention_kl_torch.attention_kl_backward(*args, **host_metadata)
 
     module.attention_kl_forward, module.attention_kl_backward = forward, backward
     monkeypatch.setitem(sys.modules, "my_backend", module)
