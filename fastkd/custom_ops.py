@@ -29,70 +29,47 @@ def stat_dtype(*tensors: Tensor) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------------------------- attention_kl
-@torch.library.custom_op("fastkd::attention_kl", mutates_args=())
-def attention_kl(
-    q_s: Tensor,
-    k_s: Tensor,
-    q_t: Tensor,
-    k_t: Tensor,
-    pairs: Tensor,
-    rows: Tensor,
-    key_mask: Tensor | None,
-    scale_s: float,
-    scale_t: float,
-    reverse: bool,
-    lse_s: Tensor | None,
-    lse_t: Tensor | None,
-    unique_heads: bool,
-    unique_rows: bool,
-    impl: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row KL ``[B, P, R]`` and the per-row LSEs the backward needs (see :func:`fastkd.functional.attention_kl`).
+# The inputs of both attention_kl ops, in the order of the backends' entry points, and the host metadata:
+# unique_heads / unique_rows (every pair has its own student head; no row repeats) are decided from host values
+# by the caller and let the backward write each gradient once; False is always safe.
+_KL_INPUTS = (
+    "Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, Tensor pairs, Tensor rows, Tensor? key_mask, float scale_s, "
+    "float scale_t, bool reverse"
+)
+_KL_HOST = "bool unique_heads, bool unique_rows, str impl"
 
-    ``unique_heads`` / ``unique_rows``: host metadata for the backward (every pair has its own student head; no
-    row repeats), decided from host values by the caller; False is always safe.
-    """
-    backend = dispatch.load("attention_kl", impl)
-    kl, ls, lt = backend.attention_kl_forward(
-        q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse, lse_s, lse_t
-    )
-    dt = stat_dtype(q_s, q_t)
+
+@torch.library.custom_op(
+    "fastkd::attention_kl",
+    mutates_args=(),
+    schema=f"({_KL_INPUTS}, Tensor? lse_s, Tensor? lse_t, {_KL_HOST}) -> (Tensor, Tensor, Tensor)",
+)
+def attention_kl(*args) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row KL ``[B, P, R]`` and the per-row LSEs the backward needs (see :func:`fastkd.functional.attention_kl`)."""
+    *inputs, _, _, impl = args
+    kl, ls, lt = dispatch.load("attention_kl", impl).attention_kl_forward(*inputs)
+    dt = stat_dtype(inputs[0], inputs[2])
     return kl.to(dt), ls.to(dt), lt.to(dt)
 
 
 @attention_kl.register_fake
-def _attention_kl_fake(q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse, lse_s, lse_t, *_):
+def _attention_kl_fake(q_s, k_s, q_t, k_t, pairs, rows, *_):
     kl = q_s.new_empty((q_s.shape[0], pairs.shape[0], rows.shape[0]), dtype=stat_dtype(q_s, q_t))
     return kl, torch.empty_like(kl), torch.empty_like(kl)
 
 
-@torch.library.custom_op("fastkd::attention_kl_backward", mutates_args=())
-def attention_kl_backward(
-    grad: Tensor,
-    q_s: Tensor,
-    k_s: Tensor,
-    q_t: Tensor,
-    k_t: Tensor,
-    pairs: Tensor,
-    rows: Tensor,
-    key_mask: Tensor | None,
-    scale_s: float,
-    scale_t: float,
-    reverse: bool,
-    lse_s_rows: Tensor,
-    lse_t_rows: Tensor,
-    kl: Tensor,
-    unique_heads: bool,
-    unique_rows: bool,
-    impl: str,
-) -> tuple[Tensor, Tensor]:
+@torch.library.custom_op(
+    "fastkd::attention_kl_backward",
+    mutates_args=(),
+    schema=f"(Tensor grad, {_KL_INPUTS}, Tensor lse_s_rows, Tensor lse_t_rows, Tensor kl, {_KL_HOST})"
+    " -> (Tensor, Tensor)",
+)
+def attention_kl_backward(grad, *args) -> tuple[Tensor, Tensor]:
     """``(dq_s, dk_s)`` of ``sum(grad * kl)``, in the dtypes of ``q_s, k_s``."""
+    *inputs, unique_heads, unique_rows, impl = args
     backend = dispatch.load("attention_kl", impl)
-    dq, dk = backend.attention_kl_backward(
-        grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse, lse_s_rows, lse_t_rows, kl,
-        unique_heads=unique_heads, unique_rows=unique_rows,
-    )  # fmt: skip
-    return dq.to(q_s.dtype), dk.to(k_s.dtype)
+    dq, dk = backend.attention_kl_backward(grad, *inputs, unique_heads=unique_heads, unique_rows=unique_rows)
+    return dq.to(inputs[0].dtype), dk.to(inputs[1].dtype)
 
 
 @attention_kl_backward.register_fake
