@@ -343,6 +343,6 @@ def test_ssta_loads_the_importance_library_not_the_command():
     import subprocess
 
     code = ("import sys, fastkd.methods.ssta, fastkd.importance; "
-            "assert 'fastkd.importance.command' not in sys.modules, 'the command module was imported'")  # fmt: skip
+            "assert 'fastkd.importance.commands' not in sys.modules, 'the command module was imported'")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
