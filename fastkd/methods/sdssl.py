@@ -102,6 +102,11 @@ class SDSSL(Method):
         sincos_pos_embed: replace the position embedding by a fixed 2-D sin-cos one (default True).
         knn_on_target: ``features`` (k-NN) uses the EMA target's final CLS, as the official monitoring
             (default True; SimCLR has no target and uses the student).
+        sync_bn: ``SyncBatchNorm`` in the projectors and predictors (BN statistics over all processes, as the
+            official trainers). None (default): on when more than one process trains on CUDA.
+
+    SimCLR sends both views through each projector in one pass, so its BatchNorm statistics cover both views (the
+    official code); MoCo v3 and BYOL project one view at a time, as theirs.
 
     Returns (``forward``): ``{"loss", "final", "mid", "pred"}`` with the weighted terms (``mid = λ(t)·L_mid``,
     ``pred = w_pred·[…]``, 0 for SimCLR; ``loss`` is their sum). The current ``λ(t)`` is the buffer ``lam``.
@@ -113,7 +118,8 @@ class SDSSL(Method):
                  lambda_max: float | None = None, out_dim: int = 256, proj_hidden: int = 2048,
                  proj_hidden_last: int = 4096, pred_hidden: int = 4096, pred_weight: float | None = None,
                  last_bn: bool | None = None, momentum: float = 0.996, momentum_final: float = 1.0,
-                 freeze_patch_embed: bool = True, sincos_pos_embed: bool = True, knn_on_target: bool = True):
+                 freeze_patch_embed: bool = True, sincos_pos_embed: bool = True, knn_on_target: bool = True,
+                 sync_bn: bool | None = None):
         super().__init__(student, teachers)
         if len(self.teachers):
             raise ValueError(f"method 'sdssl' trains without teachers (its target is an EMA copy of the student); "
@@ -160,6 +166,14 @@ class SDSSL(Method):
                 build_mlp(2, out_dim, pred_hidden, out_dim, self.last_bn) for _ in range(self.depth))
             self.target_backbone = copy.deepcopy(student).requires_grad_(False)
             self.target_projector = copy.deepcopy(self.projectors[-1]).requires_grad_(False)
+        if sync_bn is None:  # SyncBatchNorm has no CPU path: CPU (gloo) runs keep per-process statistics
+            sync_bn = rank_and_world()[1] > 1 and torch.cuda.is_available()
+        self.sync_bn = bool(sync_bn)
+        if self.sync_bn:  # the official trainers synchronise the heads' BatchNorm across processes
+            for name in ("projectors", "predictors", "target_projector"):
+                heads = getattr(self, name)
+                if heads is not None:
+                    setattr(self, name, nn.SyncBatchNorm.convert_sync_batchnorm(heads))
         self.register_buffer("lam", torch.zeros(()))
         self.register_buffer("momentum", torch.tensor(self.momentum_base))
 
@@ -215,8 +229,11 @@ class SDSSL(Method):
         if x1.shape[0] != x2.shape[0]:
             raise ValueError(f"the two views have different batch sizes: {x1.shape[0]} and {x2.shape[0]}")
         r1, r2 = self.layer_cls(x1), self.layer_cls(x2)
-        g1 = [proj(r) for proj, r in zip(self.projectors, r1)]
-        g2 = [proj(r) for proj, r in zip(self.projectors, r2)]
+        if self.variant == "simclr":  # official: both views through each projector in one pass (BN over 2B rows)
+            g1, g2 = zip(*(proj(torch.cat([a, b])).split(a.shape[0]) for proj, a, b in zip(self.projectors, r1, r2)))
+        else:  # official MoCo v3 / BYOL: one view at a time
+            g1 = [proj(r) for proj, r in zip(self.projectors, r1)]
+            g2 = [proj(r) for proj, r in zip(self.projectors, r2)]
         lam = self.lam.detach()
         if self.variant == "simclr":
             final, mid = self._simclr(g1, g2)

@@ -100,8 +100,9 @@ def ref_moco_byol(method, x1, x2, variant, lam, tau=0.2):
 def ref_simclr(method, x1, x2, lam, tau=0.2):
     L, B = method.depth, x1.shape[0]
     r1, r2 = ref_layer_cls(method.student, x1), ref_layer_cls(method.student, x2)
-    g1 = [method.projectors[l](r1[l]) for l in range(L)]
-    g2 = [method.projectors[l](r2[l]) for l in range(L)]
+    # official SimCLR: both views through each projector together (BatchNorm statistics over the 2B rows)
+    g = [method.projectors[l](torch.cat([r1[l], r2[l]])) for l in range(L)]
+    g1, g2 = [a[:B] for a in g], [a[B:] for a in g]
 
     def unit(a):
         return a / a.norm(dim=1, keepdim=True)
@@ -162,6 +163,39 @@ def test_loss_parts_and_grads_match_reference(variant):
     assert g["student.blocks.0.attn.qkv.weight"].abs().sum() > 0  # L_mid reaches the first block
     assert g["projectors.0.0.weight"].abs().sum() > 0
     assert not any(n.startswith("target") for n, p in method.named_parameters() if p.requires_grad)  # EMA only
+
+
+@pytest.mark.parametrize("variant", ["simclr", "moco"])
+def test_projector_batchnorm_statistics(variant):
+    """SimCLR normalises each projector's BatchNorm over both views at once (the official one-pass projection), so
+    a fresh BN's running mean after one step is momentum × the mean of the 2B rows; MoCo v3 projects one view at a
+    time (two updates, each over B rows)."""
+    method = build(variant).train()
+    x1, x2 = views(b=5)
+    with torch.no_grad():
+        method({"images": [x1, x2]})
+        r1, r2 = ref_layer_cls(method.student, x1), ref_layer_cls(method.student, x2)
+    for l in (0, method.depth - 1):
+        lin, bn = method.projectors[l][0], method.projectors[l][1]
+        h1, h2 = lin(r1[l]).double(), lin(r2[l]).double()
+        m = bn.momentum
+        if variant == "simclr":
+            expected = m * torch.cat([h1, h2]).mean(0)
+        else:
+            expected = m * h2.mean(0) + (1 - m) * m * h1.mean(0)
+        torch.testing.assert_close(bn.running_mean.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sync_batchnorm_heads():
+    """sync_bn converts every BatchNorm of the projectors, predictors and target projector; the default (one
+    process) keeps plain BatchNorm."""
+    method = build("moco", sync_bn=True)
+    for heads in (method.projectors, method.predictors, method.target_projector):
+        bns = [m for m in heads.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        assert bns and all(isinstance(m, torch.nn.SyncBatchNorm) for m in bns)
+    plain = build("simclr")
+    assert not plain.sync_bn
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in plain.modules())
 
 
 @pytest.mark.parametrize("variant", ["moco", "byol"])
