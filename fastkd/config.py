@@ -85,17 +85,22 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw / lamb
     eps: float = 1e-8
     layer_decay: float | None = None  # layer-wise lr decay (fine-tuning recipes)
+    decay_all: bool = False  # weight decay on every parameter (no bias/1-d/no_weight_decay() exemption; mmcls SGD)
 
 
 @dataclass
 class ScheduleConfig:
-    """Per-step learning-rate schedule: linear warmup then cosine (or constant)."""
+    """Learning-rate schedule: linear warmup then cosine, constant, or multi-step decay (timm schedulers)."""
 
-    name: Literal["cosine", "constant"] = "cosine"
+    name: Literal["cosine", "constant", "multistep"] = "cosine"
     warmup_epochs: float = 0.0
     warmup_steps: int | None = None  # overrides warmup_epochs when set
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
+    warmup_prefix: bool = False  # cosine over the steps after the warmup (MAE/DINO); False: over all steps (timm)
+    per_epoch: bool = False  # update the LR once per epoch (DeiT's timm scheduler.step(epoch)); False: every step
+    decay_epochs: list[float] = field(default_factory=lambda: [30.0, 60.0, 90.0])  # multistep: LR × decay_rate at each
+    decay_rate: float = 0.1  # multistep
 
 
 @dataclass

@@ -188,8 +188,10 @@ def scaled_lr(cfg: Config, global_batch: int) -> float:
 
 
 def build_optimizer(cfg: Config, method: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """timm's ``create_optimizer_v2`` over the method's trainable parameters (student + extras), no weight decay
-    on biases and 1-d parameters."""
+    """timm's ``create_optimizer_v2`` over the method's trainable parameters (student + extras). No weight decay on
+    biases, 1-d parameters and what the method's modules list in ``no_weight_decay()`` (timm's convention:
+    ``pos_embed``, ``cls_token``, ``dist_token``, projector position embeddings; :meth:`Method.no_weight_decay`),
+    unless ``optim.decay_all`` (every parameter decayed, as mmcls' SGD configs without ``paramwise_cfg``)."""
     from timm.optim import create_optimizer_v2
 
     o = cfg.optim
@@ -197,30 +199,78 @@ def build_optimizer(cfg: Config, method: nn.Module, lr: float) -> torch.optim.Op
     if o.name in ("adamw", "adam", "lamb"):
         kwargs["betas"] = tuple(o.betas)
     if o.layer_decay is not None:
+        if o.decay_all:
+            raise ConfigError("optim.layer_decay and optim.decay_all=true cannot be combined")
         kwargs["layer_decay"] = o.layer_decay
-    if not any(p.requires_grad for p in method.parameters()):
+    trainable = [p for p in method.parameters() if p.requires_grad]
+    if not trainable:
         raise ConfigError(f"method {cfg.method.name} has no trainable parameters")
+    target = trainable if o.decay_all else method  # a parameter list: timm makes no groups, all decayed
     try:
-        return create_optimizer_v2(method, opt=o.name, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum,
+        return create_optimizer_v2(target, opt=o.name, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum,
                                    **kwargs)
     except (ValueError, AssertionError) as exc:
         raise ConfigError(f"optim.name={o.name}: {exc}") from exc
 
 
+class EpochStepped:
+    """A timm scheduler in epoch units driven by the trainer's per-step ``step_update(num_updates)``: the LR changes
+    only at epoch boundaries (DeiT's ``lr_scheduler.step(epoch)``)."""
+
+    def __init__(self, scheduler, steps_per_epoch: int):
+        self.scheduler = scheduler
+        self.steps_per_epoch = max(int(steps_per_epoch), 1)
+
+    def step_update(self, num_updates: int, metric=None) -> None:
+        self.scheduler.step(num_updates // self.steps_per_epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state)
+
+
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int):
-    """Per-step schedule (timm): linear warmup from ``schedule.warmup_lr``, then cosine to ``schedule.min_lr``
-    (or constant). Call ``step_update(num_updates)`` after each optimizer step."""
+    """The LR schedule (timm schedulers): linear warmup from ``schedule.warmup_lr``, then
+
+    - ``cosine`` to ``schedule.min_lr`` over all steps (timm), or over the steps after the warmup when
+      ``schedule.warmup_prefix`` (MAE's ``lr_sched``, DINO's ``cosine_scheduler``);
+    - ``multistep``: × ``decay_rate`` at each of ``decay_epochs`` (PyTorch ``MultiStepLR`` timing: the LR of epoch
+      30 is decayed, the one of epoch 29 is not);
+    - ``constant``.
+
+    ``schedule.per_epoch`` evaluates the schedule once per epoch (epoch units, DeiT) instead of every step. Call
+    ``step_update(num_updates)`` after each optimizer step either way."""
     from timm.scheduler import CosineLRScheduler
+    from timm.scheduler import MultiStepLRScheduler
     from timm.scheduler import StepLRScheduler
 
     s = cfg.schedule
-    warmup = s.warmup_steps if s.warmup_steps is not None else int(round(s.warmup_epochs * steps_per_epoch))
-    warmup = max(0, min(warmup, max(total_steps - 1, 0)))
+    if s.per_epoch:  # the schedule's unit is the epoch
+        unit = max(int(steps_per_epoch), 1)
+        total = max(-(-total_steps // unit), 1)
+        warmup = int(round(s.warmup_steps / unit)) if s.warmup_steps is not None else int(round(s.warmup_epochs))
+    else:
+        unit, total = 1, max(total_steps, 1)
+        warmup = s.warmup_steps if s.warmup_steps is not None else int(round(s.warmup_epochs * steps_per_epoch))
+    warmup = max(0, min(warmup, max(total - 1, 0)))
+    epoch_len = 1 if s.per_epoch else max(int(steps_per_epoch), 1)  # one epoch in the schedule's unit
+    common = dict(warmup_t=warmup, warmup_lr_init=s.warmup_lr, t_in_epochs=s.per_epoch)
     if s.name == "cosine":
-        return CosineLRScheduler(optimizer, t_initial=max(total_steps, 1), lr_min=s.min_lr, warmup_t=warmup,
-                                 warmup_lr_init=s.warmup_lr, warmup_prefix=False, t_in_epochs=False)
-    return StepLRScheduler(optimizer, decay_t=1 << 40, decay_rate=1.0, warmup_t=warmup, warmup_lr_init=s.warmup_lr,
-                           t_in_epochs=False)
+        t_initial = max(total - warmup, 1) if s.warmup_prefix else total
+        sched = CosineLRScheduler(optimizer, t_initial=t_initial, lr_min=s.min_lr, warmup_prefix=s.warmup_prefix,
+                                  **common)
+    elif s.name == "multistep":
+        if s.decay_rate <= 0 or any(e < 0 for e in s.decay_epochs):
+            raise ConfigError(f"schedule.decay_epochs={s.decay_epochs} must be >= 0 and schedule.decay_rate="
+                              f"{s.decay_rate} > 0")
+        # timm applies milestone m at t == m - 1; +1 gives PyTorch's timing (decayed from t == m on)
+        milestones = sorted(int(round(e * epoch_len)) + 1 for e in s.decay_epochs)
+        sched = MultiStepLRScheduler(optimizer, decay_t=milestones, decay_rate=s.decay_rate, **common)
+    else:
+        sched = StepLRScheduler(optimizer, decay_t=1 << 40, decay_rate=1.0, **common)
+    return EpochStepped(sched, unit) if s.per_epoch else sched
 
 
 def total_steps_for(cfg: Config, steps_per_epoch: int) -> int:
@@ -246,6 +296,7 @@ __all__ = [
     "build_student",
     "build_teachers",
     "data_config",
+    "EpochStepped",
     "knn_bank_loader",
     "scaled_lr",
     "student_stats",

@@ -70,6 +70,25 @@ class Method(nn.Module):
             return s.forward_head(s.forward_features(images), pre_logits=True)
         return s(images)
 
+    # ---- optimizer
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (as in ``named_parameters()``) of the parameters the optimizer must not decay: what each submodule
+        lists in its own ``no_weight_decay()`` (timm's convention: ``pos_embed``, ``cls_token``, ``dist_token``;
+        the method's extras such as a projector's position embedding), prefixed with the submodule's path. timm's
+        ``create_optimizer_v2`` reads this (biases and 1-d parameters are exempt there anyway)."""
+        names: set[str] = set()
+        own = dict(self.named_parameters())
+        for path, module in self.named_modules():
+            fn = getattr(module, "no_weight_decay", None)
+            if module is self or not callable(fn):
+                continue
+            for name in fn():
+                full = f"{path}.{name}" if path else name
+                if full in own:
+                    names.add(full)
+        return names
+
     # ---- training hooks
 
     def on_step_end(self, step: int, total_steps: int) -> None:
