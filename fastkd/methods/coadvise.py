@@ -94,12 +94,15 @@ class CoAdviseViT(nn.Module):
         for head in (self.head_conv, self.head_inv):
             trunc_normal_(head.weight, std=0.02)
             nn.init.zeros_(head.bias)
-        for m in self.conv_stem.modules():
+        # official init: kaiming-normal with torch's defaults (fan-in, gain √2) on every conv of both stems,
+        # the 1×1 involution convs and the patch projections included
+        for m in (*self.conv_stem.modules(), *self.inv_stem.modules()):
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        for m in self.inv_stem.modules():
-            if isinstance(m, nn.Conv2d) and m.kernel_size[0] > 1:
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+
+    def no_weight_decay(self) -> set[str]:
+        """timm's convention: the position embedding and the CLS token are not decayed."""
+        return {"pos_embed", "cls_token"}
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` → the token sequence ``[B, 3 + P, D]`` (positions added)."""

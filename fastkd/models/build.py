@@ -161,8 +161,10 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
                 state = {k[len(prefix) :]: v for k, v in state.items()}
                 changed = True
         if any(k.startswith("backbone.") for k in state):
-            dropped += [k for k in state if not k.startswith("backbone.")]
-            state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+            # mmcls classifier layout: the backbone and its classifier ("head.fc.*") are kept, the rest dropped
+            keep = [k for k in state if k.startswith(("backbone.", "head.fc."))]
+            dropped += [k for k in state if k not in keep]
+            state = {k[len("backbone.") :] if k.startswith("backbone.") else k: state[k] for k in keep}
             changed = True
     return state, dropped
 

@@ -17,7 +17,8 @@ average-pooled by the stride ``s`` (identity when s = 1); the padding is ``p = (
 RedNet is a ResNet whose bottleneck 3×3 convolutions are 7×7 involutions and whose stem has a 3×3 involution
 between two 3×3 convolutions (RedNet-26/38/50/101/152). Parameter names follow the mmcls layout
 (``stem.0.conv``, ``layer1.0.conv2.conv1.conv``, ...), so official mmcls checkpoints load after the prefix
-remapping in :func:`checkpoint_filter_fn` (``backbone.`` stripped, ``head.fc.`` → ``fc.``).
+remapping in :func:`checkpoint_filter_fn` (``backbone.`` stripped, ``head.fc.`` → ``fc.``); the Co-advise authors'
+teacher file (``{"model": ...}`` with the same names, DDP's ``module.`` prefix allowed) loads the same way.
 
 The models are registered with timm (``timm.create_model("rednet26")`` once this module is imported). Involution
 is computed in the input dtype; Co-advise runs its involution stem in fp32 (the official code has no half

@@ -247,3 +247,45 @@ def test_recipes():
     cfg, method = recipe_check(["coadvise_s_in1k"], "coadvise_tiny", batch)
     official = __import__("fastkd.config", fromlist=["load_config"]).load_config("coadvise_s_in1k")
     assert [t.name for t in official.teachers] == ["regnety_040", "rednet101"] and official.train.amp == "fp32"
+
+
+def test_stem_init_kaiming_fan_in_on_every_conv():
+    """Official ``init_weight``: ``nn.init.kaiming_normal_(m.weight)`` (fan-in, gain √2) on every Conv2d of both stems,
+    the involution's 1×1 convs and the patch projections included. The sample std of each conv's weights is held
+    to its sampling error (6 standard errors of a std estimate, 1/√(2n))."""
+    torch.manual_seed(0)
+    s = CoAdviseViT(timm.create_model("vit_tiny_patch16_224", depth=1, embed_dim=48, num_heads=2,
+                                      num_classes=NUM_CLASSES))
+    convs = [m for stem in (s.conv_stem, s.inv_stem) for m in stem.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) >= 8 and any(c.kernel_size == (1, 1) for c in convs)
+    for c in convs:
+        w = c.weight.detach().double()
+        fan_in = w[0].numel()
+        ratio = float(w.std()) / (2.0 / fan_in) ** 0.5
+        assert abs(ratio - 1.0) < 6.0 / (2 * w.numel()) ** 0.5, (c, ratio)
+
+
+@pytest.mark.parametrize("layout", ["mmcls", "authors", "authors_ddp"])
+def test_rednet_checkpoint_layouts_load(tmp_path, layout):
+    """An mmcls RedNet checkpoint ({"state_dict": {"backbone.*", "head.fc.*"}}) and the Co-advise authors' teacher
+    file ({"model": ...} with the same names, optionally DDP's "module." prefix) load into timm's rednet with the
+    classifier."""
+    from fastkd.models import build_model
+
+    kw = dict(num_classes=NUM_CLASSES, widths=(32, 64, 64, 64), stem_channels=32, group_channels=8,
+              layers=(1, 1, 1, 1))
+    torch.manual_seed(1)
+    src = timm.create_model("rednet26", **kw)
+    sd = {(("head." + k) if k.startswith("fc.") else "backbone." + k): v for k, v in src.state_dict().items()}
+    assert any(k.startswith("head.fc.") for k in sd)
+    if layout == "mmcls":
+        obj = {"meta": {"epoch": 1}, "state_dict": sd}
+    else:
+        prefix = "module." if layout == "authors_ddp" else ""
+        obj = {"model": {prefix + k: v for k, v in sd.items()}}
+    path = tmp_path / "inv_teacher.pth"
+    torch.save(obj, path)
+    torch.manual_seed(2)
+    dst = build_model("rednet26", weights=str(path), **kw)
+    for k, v in src.state_dict().items():
+        torch.testing.assert_close(dst.state_dict()[k], v, rtol=0, atol=0)
