@@ -7,6 +7,7 @@ Spec: METHODS.md section 5.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -128,6 +129,10 @@ class CrossAttentionProjector(nn.Module):
         self.ffn = Mlp(teacher_dim, 4 * teacher_dim, act_layer=nn.ReLU if ffn_act == "relu" else nn.GELU)
         self.query = nn.Embedding(self.query_hw[0] * self.query_hw[1], teacher_dim) if learnable_query else None
 
+    def no_weight_decay(self) -> set[str]:
+        """The position embedding is not decayed (the official DeiT-B config's ``.pos_embed`` custom key)."""
+        return {"pos_embed"}
+
     def forward(self, x: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
         B = x.shape[0]
         Hq, Wq = self.query_hw
@@ -202,20 +207,32 @@ class _SwinTeacher:
 
 
 class _ViTTeacher:
-    """timm ViT teacher, staged as the official ``forward_specific_stage`` does for 12 blocks (METHODS.md 5.8).
+    """timm ViT teacher, staged as the official ``forward_specific_stage`` (METHODS.md 5.8).
 
-    "stage 4" (the TPP at s3) = blocks ``[stage4_start, depth - 2]`` (0-based; 8..10 for 12 blocks), and the
-    last stage (applied to the s4 projection) = the last block + the final LN. T4 = the final patch tokens after
-    the LN. Only patch tokens go through the teacher blocks (no CLS).
+    The TPP at s3 runs blocks ``[stage4_start, depth - last_blocks)`` (0-based) and the last stage (applied to the
+    s4 projection) runs the last ``last_blocks`` blocks; the final LN closes whichever stage ends at the last block.
+    Defaults: 12 blocks (the official ViT): TPP = blocks 8..10, last stage = block 11 + LN; 24 blocks (the official
+    BEiT-L/EVA-L teacher): TPP = blocks 22..23 + LN, last stage = nothing. Other depths: TPP from ``min(2·depth//3,
+    depth-2)``, last stage = the last block (unverified). T4 = the final patch tokens after the LN. Only patch tokens
+    go through the teacher blocks (no CLS).
     """
 
-    def __init__(self, model: nn.Module, stage4_start: int | None):
+    def __init__(self, model: nn.Module, stage4_start: int | None, last_blocks: int | None = None):
         depth = len(model.blocks)
         if depth < 2:
             raise ValueError("a ViT teacher for scalekd needs at least 2 blocks")
-        self.start = min((2 * depth) // 3, depth - 2) if stage4_start is None else int(stage4_start)
-        if not 0 <= self.start <= depth - 2:
-            raise ValueError(f"vit_teacher_stage4_start={self.start} must be in [0, {depth - 2}] for {depth} blocks")
+        if last_blocks is None:
+            last_blocks = 0 if depth == 24 and stage4_start is None else 1
+        self.last = int(last_blocks)
+        if not 0 <= self.last < depth:
+            raise ValueError(f"vit_teacher_last_blocks={last_blocks} must be in [0, {depth - 1}] for {depth} blocks")
+        if stage4_start is None:
+            stage4_start = depth - 2 if depth == 24 else min((2 * depth) // 3, depth - 2)
+        self.start = int(stage4_start)
+        if not 0 <= self.start < depth - self.last:
+            raise ValueError(f"vit_teacher_stage4_start={stage4_start} must be in [0, {depth - self.last - 1}] for "
+                             f"{depth} blocks and vit_teacher_last_blocks={self.last}")
+        self.depth = depth
         self.prefix = int(model.num_prefix_tokens)
         self.s3_hw = self.s4_hw = _vit_grid(model)
         self.s3_dim = self.s4_dim = int(model.embed_dim)
@@ -224,13 +241,16 @@ class _ViTTeacher:
         feats = model.forward_features(x)
         return _tokens_to_grid(feats, self.prefix, self.s4_hw), model.forward_head(feats)
 
-    def tpp(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-        for blk in model.blocks[self.start : len(model.blocks) - 1]:
+    def _run(self, model: nn.Module, tokens: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        for blk in model.blocks[lo:hi]:
             tokens = blk(tokens)
-        return tokens
+        return model.norm(tokens) if hi == self.depth else tokens
+
+    def tpp(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        return self._run(model, tokens, self.start, self.depth - self.last)
 
     def s4_stage(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-        return model.norm(model.blocks[-1](tokens))
+        return self._run(model, tokens, self.depth - self.last, self.depth) if self.last else tokens
 
 
 class _ViTStudent:
@@ -292,6 +312,27 @@ class _CNNStudent:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _stage_alpha(name: str, value, spat: float, freq: float) -> tuple[float, float]:
+    if value is None:
+        return float(spat), float(freq)
+    if len(value) != 2:
+        raise ValueError(f"{name}={value!r} must be two weights [spatial, frequency]")
+    return float(value[0]), float(value[1])
+
+
+@contextlib.contextmanager
+def _teacher_mode(model: nn.Module, train: bool):
+    """Run the (frozen) teacher in train mode inside the block when ``train``; eval mode again afterwards."""
+    if not train:
+        yield
+        return
+    model.train(True)
+    try:
+        yield
+    finally:
+        model.train(False)
+
+
 @register("scalekd")
 class ScaleKD(Method):
     """ScaleKD (Fan et al., NeurIPS 2024): CAP + dual-view feature mimicking + teacher parameter perception + KD.
@@ -316,7 +357,13 @@ class ScaleKD(Method):
     Options (official defaults, METHODS.md 5.5):
         alpha_kd: 0.5 (weight of the soft-target KD; CE gets ``1 - alpha_kd``).
         temperature: 1.0.
-        alpha_spat, alpha_freq: 0.08, 0.06 (both stages).
+        alpha_spat, alpha_freq: 0.08, 0.06: the (spatial, frequency) view weights of both stages.
+        alpha_s3, alpha_s4: per-stage ``[spatial, frequency]`` weights (the official ``alpha`` of each stage's loss);
+            None (default): ``[alpha_spat, alpha_freq]``. The Swin-S -> ResNet-50 config uses ``[0.08, 0.0]``.
+        teacher_train_mode: run the teacher in train mode while the method trains (stochastic depth and dropout of the
+            teacher on, weights still frozen). Default True, the official behaviour: its distiller sets
+            ``teacher.eval()`` once, but the runner's ``model.train()`` on the whole distiller switches the teacher
+            back to train mode every epoch. False: the teacher stays in eval mode.
         softmax_scale: 5.0 (CAP sharpening, both views).
         cap_heads: (8, 8) heads of CAP at (s3, s4); the official DeiT-B config uses the default 8; the ResNet-50
             configs with a Swin-L teacher use (16, 24), Swin-B (8, 16).
@@ -328,8 +375,10 @@ class ScaleKD(Method):
         student_s3_block: ViT student block whose output is stage 3 (0-based); default ``3*depth//4 - 1`` (8 of 12,
             "block 9" in the official 1-based count).
         vit_teacher_stage4_start: ViT teacher: first block of the "stage 4" used by TPP at s3 (0-based); default
-            ``min(2*depth//3, depth-2)`` (8 of 12, the official ``range(8, 11)``). Other depths are unverified
-            (METHODS.md 5.8).
+            ``min(2*depth//3, depth-2)`` (8 of 12, the official ``range(8, 11)``); 22 of 24 (the official BEiT-L
+            staging: the TPP runs the last two blocks + LN). Other depths are unverified (METHODS.md 5.8).
+        vit_teacher_last_blocks: ViT teacher: blocks of the last stage applied to the s4 projection; default 1
+            (block + LN), 0 for 24-block teachers (the official BEiT-L "stage 4" runs nothing).
         img_size: input size used to size a CNN student's grids; default: the teacher's patch-embed image size.
 
     Returns (``forward``): ``{"loss", "ce", "kd", "s3_spat", "s3_freq", "s4_spat", "s4_freq"}``; the parts are
@@ -345,6 +394,9 @@ class ScaleKD(Method):
         temperature: float = 1.0,
         alpha_spat: float = 0.08,
         alpha_freq: float = 0.06,
+        alpha_s3: tuple[float, float] | list[float] | None = None,
+        alpha_s4: tuple[float, float] | list[float] | None = None,
+        teacher_train_mode: bool = True,
         softmax_scale: float = 5.0,
         cap_heads: tuple[int, int] | list[int] = (8, 8),
         cap_ffn_act: str = "relu",
@@ -352,6 +404,7 @@ class ScaleKD(Method):
         label_smoothing: float = 0.0,
         student_s3_block: int | None = None,
         vit_teacher_stage4_start: int | None = None,
+        vit_teacher_last_blocks: int | None = None,
         img_size: int | tuple[int, int] | None = None,
     ):
         super().__init__(student, teachers)
@@ -365,13 +418,16 @@ class ScaleKD(Method):
             raise ValueError(f"cap_heads={cap_heads!r} must be two head counts (s3, s4)")
         self.alpha_kd, self.temperature = float(alpha_kd), float(temperature)
         self.alpha_spat, self.alpha_freq = float(alpha_spat), float(alpha_freq)
+        self.alpha = {"s3": _stage_alpha("alpha_s3", alpha_s3, alpha_spat, alpha_freq),
+                      "s4": _stage_alpha("alpha_s4", alpha_s4, alpha_spat, alpha_freq)}
+        self.teacher_train_mode = bool(teacher_train_mode)
         self.ce_loss, self.label_smoothing = ce_loss, float(label_smoothing)
 
         tmodel = teacher_model(self.teachers[0])
         if _is_swin(tmodel):
             self._t = _SwinTeacher(tmodel)
         elif _is_vit(tmodel):
-            self._t = _ViTTeacher(tmodel, vit_teacher_stage4_start)
+            self._t = _ViTTeacher(tmodel, vit_teacher_stage4_start, vit_teacher_last_blocks)
         else:
             raise ValueError(
                 f"teachers[0] ({type(tmodel).__name__}) is not a timm Swin or ViT: scalekd's teacher parameter "
@@ -407,6 +463,11 @@ class ScaleKD(Method):
         logits = as_logits(logits, "the student")
         teacher = self.teachers[0]
         tmodel = teacher_model(teacher)  # resolved per call: the engine may re-place the teachers
+        with _teacher_mode(tmodel, self.training and self.teacher_train_mode):
+            loss, parts = self._losses(batch, images, s3, s4, logits, teacher, tmodel)
+        return {"loss": loss, **parts}
+
+    def _losses(self, batch, images, s3, s4, logits, teacher, tmodel):
         with torch.no_grad():
             t4, t_logits = self._t.forward(tmodel, teacher_input(teacher, images))
         t4, t_logits = _acc(t4.detach()), _acc(t_logits.detach())
@@ -424,14 +485,14 @@ class ScaleKD(Method):
         loss = (1.0 - self.alpha_kd) * parts["ce"] + self.alpha_kd * parts["kd"]
 
         hw4, dtype = self._t.s4_hw, param_dtype(tmodel)
-        for view, cap3, cap4, fn, alpha in (
-            ("spat", self.cap_s3_spat, self.cap_s4_spat, spatial_mimic_loss, self.alpha_spat),
-            ("freq", self.cap_s3_freq, self.cap_s4_freq, frequency_mimic_loss, self.alpha_freq),
-        ):
+        for i, (view, cap3, cap4, fn) in enumerate((
+            ("spat", self.cap_s3_spat, self.cap_s4_spat, spatial_mimic_loss),
+            ("freq", self.cap_s3_freq, self.cap_s4_freq, frequency_mimic_loss),
+        )):
             # teacher parameter perception: the frozen teacher stage runs with autograd on its activations
             r = self._t.tpp(tmodel, cap3(s3).to(dtype))
             p4 = self._t.s4_stage(tmodel, cap4(s4, query=r.to(cap4.q.weight.dtype)).to(dtype))
             parts[f"s3_{view}"] = fn(self._grid(r, hw4), t4)
             parts[f"s4_{view}"] = fn(self._grid(p4, hw4), t4)
-            loss = loss + alpha * (parts[f"s3_{view}"] + parts[f"s4_{view}"])
-        return {"loss": loss, **parts}
+            loss = loss + self.alpha["s3"][i] * parts[f"s3_{view}"] + self.alpha["s4"][i] * parts[f"s4_{view}"]
+        return loss, parts

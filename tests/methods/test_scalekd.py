@@ -38,6 +38,12 @@ def vit_teacher(seed=1):
                              num_classes=NUM_CLASSES)  # 4x4 grid, D = 48
 
 
+def vit_teacher24(seed=1, **kw):
+    torch.manual_seed(seed)  # the depth of BEiT-L / EVA-L (24 blocks), narrow
+    return timm.create_model("vit_tiny_patch16_224", img_size=IMG, depth=24, embed_dim=16, num_heads=2,
+                             num_classes=NUM_CLASSES, **kw)
+
+
 def vit_student(seed=0):
     torch.manual_seed(seed)  # official ViT students: no CLS token, GAP head
     return timm.create_model("vit_tiny_patch16_224", img_size=IMG, depth=4, embed_dim=32, num_heads=2,
@@ -132,7 +138,11 @@ def student_feats(student, x):
     return store["s3"], store["s4"], logits
 
 
-def reference_loss(method, student, teacher, batch, *, alpha_kd=0.5, T=1.0, a_spat=0.08, a_freq=0.06):
+def reference_loss(method, student, teacher, batch, *, alpha_kd=0.5, T=1.0, a_spat=0.08, a_freq=0.06, a3=None,
+                   a4=None):
+    """``a3``/``a4``: per-stage (spatial, frequency) weights (default: ``(a_spat, a_freq)`` for both stages)."""
+    a3 = (a_spat, a_freq) if a3 is None else a3
+    a4 = (a_spat, a_freq) if a4 is None else a4
     x, y = batch["images"], batch["labels"]
     s3, s4, z_s = student_feats(student, x)
     swin = hasattr(teacher, "layers")
@@ -147,6 +157,13 @@ def reference_loss(method, student, teacher, batch, *, alpha_kd=0.5, T=1.0, a_sp
         def last(tok):
             return tok
         hw4 = (2, 2)
+    elif len(teacher.blocks) == 24:
+        def tpp(tok):  # official BEiT-L staging: "stage 3" = the last two blocks (+ the final LN)
+            return teacher.norm(teacher.blocks[23](teacher.blocks[22](tok)))
+
+        def last(tok):  # "stage 4": nothing
+            return tok
+        hw4 = (4, 4)
     else:
         def tpp(tok):  # blocks 2..2 of 4 ("blocks 9-11 of 12")
             return teacher.blocks[2](tok)
@@ -160,14 +177,14 @@ def reference_loss(method, student, teacher, batch, *, alpha_kd=0.5, T=1.0, a_sp
     loss = (1 - alpha_kd) * ce + alpha_kd * kd
     parts = {"ce": ce, "kd": kd}
     magnitudes = {"ce": ce_mag, "kd": kd_mag, "loss": (1 - alpha_kd) * ce_mag + alpha_kd * kd_mag}
-    for view, fn, a in (("spat", l_spat, a_spat), ("freq", l_freq, a_freq)):
+    for i, (view, fn) in enumerate((("spat", l_spat), ("freq", l_freq))):
         cap3, cap4 = getattr(method, f"cap_s3_{view}"), getattr(method, f"cap_s4_{view}")
         r = tpp(cap_reference(cap3, s3))
         p4 = last(cap_reference(cap4, s4, query=r))
         parts[f"s3_{view}"], parts[f"s4_{view}"] = fn(grid(r, hw4), t4), fn(grid(p4, hw4), t4)
-        loss = loss + a * (parts[f"s3_{view}"] + parts[f"s4_{view}"])
+        loss = loss + a3[i] * parts[f"s3_{view}"] + a4[i] * parts[f"s4_{view}"]
         # sums of squares: nothing cancels, the values are their own magnitudes
-        magnitudes["loss"] += a * float((parts[f"s3_{view}"] + parts[f"s4_{view}"]).detach())
+        magnitudes["loss"] += float((a3[i] * parts[f"s3_{view}"] + a4[i] * parts[f"s4_{view}"]).detach())
     parts["loss"] = loss
     return parts, magnitudes
 
@@ -188,7 +205,8 @@ def test_matches_reference(make_student, make_teacher, heads):
     """The method (fp32) against the reference above run in fp64 on copies of the method and the teacher: every
     part, every gradient of the student and the CAP projectors (through the BN / TPP / CAP chain)."""
     student, teacher = make_student(), make_teacher()
-    method = M.build("scalekd", student=student, teachers=[wrap(teacher)], cap_heads=heads)
+    # the reference runs the teacher in eval mode (timm's Swin-T has stochastic depth 0.2 in train mode)
+    method = M.build("scalekd", student=student, teachers=[wrap(teacher)], cap_heads=heads, teacher_train_mode=False)
     batch = make_batch()
     out = method(batch)
     out["loss"].backward()
@@ -202,6 +220,64 @@ def test_matches_reference(make_student, make_teacher, heads):
     assert all(float(out[k].detach()) > 0 for k in parts)
     assert any(n.startswith("cap_s3_freq") for n in g) and any(n.startswith("student") for n in g)
     assert not any(p.grad is not None for p in teacher.parameters())  # frozen teacher, grad through activations
+
+
+def test_24_block_teacher_staging_and_per_stage_alpha():
+    """A 24-block ViT teacher gets the official BEiT-L staging by default (the TPP runs the last two blocks + LN,
+    the last stage nothing), and per-stage [spatial, frequency] weights apply (Swin-S -> ResNet-50: [0.08, 0.0])."""
+    student, teacher = resnet_student(), vit_teacher24()
+    a3, a4 = (0.08, 0.0), (0.05, 0.03)
+    method = M.build("scalekd", student=student, teachers=[wrap(teacher)], cap_heads=(2, 2), alpha_s3=list(a3),
+                     alpha_s4=list(a4))
+    assert (method._t.start, method._t.last) == (22, 0)
+    # in fp64: 24 teacher blocks amplify the fp32 rounding of the method's SDPA-based CAP beyond the fp32 budget;
+    # the fp64 run is held to the fp32 reference's own error (the budget), far below what a wrong staging costs
+    method.double(), teacher.double()
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in make_batch().items()}
+    out = method(batch)
+    out["loss"].backward()
+
+    def reference(method, teacher, inputs):
+        return reference_loss(method, method.student, teacher, inputs, a3=a3, a4=a4)
+
+    parts = ("loss", "s3_spat", "s4_spat", "s3_freq", "s4_freq")
+    check_against_oracle(out, grads(method), reference, (method, teacher), batch, parts=parts)
+    with pytest.raises(ValueError, match="alpha_s3"):
+        M.build("scalekd", student=resnet_student(), teachers=[wrap(vit_teacher24())], alpha_s3=[0.1])
+    with pytest.raises(ValueError, match="vit_teacher_stage4_start"):
+        M.build("scalekd", student=resnet_student(), teachers=[wrap(vit_teacher24())], vit_teacher_stage4_start=24)
+
+
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_teacher_train_mode(train_mode):
+    """``teacher_train_mode`` (default True, the official runner's behaviour): while the method trains, the teacher
+    runs with its stochastic depth on; the loss equals the reference run with ``teacher.train()`` under the same
+    random stream. False (or an evaluating method): the eval-mode teacher. The teacher is left in eval mode."""
+    torch.manual_seed(1)
+    teacher = timm.create_model("vit_tiny_patch16_224", img_size=IMG, depth=4, embed_dim=48, num_heads=2,
+                                num_classes=NUM_CLASSES, drop_path_rate=0.5)
+    student = vit_student()
+    kw = {} if train_mode else {"teacher_train_mode": False}
+    method = M.build("scalekd", student=student, teachers=[wrap(teacher)], cap_heads=(2, 2), **kw).train()
+    batch = make_batch()
+    torch.manual_seed(7)
+    got = {k: v.detach() for k, v in method(batch).items()}
+    assert not teacher.training
+
+    def ref(mode):
+        teacher.train(mode)
+        torch.manual_seed(7)
+        with torch.no_grad():
+            parts = reference_loss(method, student, teacher, batch)[0]
+        teacher.eval()
+        return parts
+
+    ref_train, ref_eval = ref(True), ref(False)
+    # stochastic depth changes the teacher's features, by far more than the 1e-5 the comparison below allows
+    assert max(abs(float(ref_train[k] / ref_eval[k]) - 1) for k in ("s3_spat", "s4_spat")) > 1e-4
+    expected = ref_train if train_mode else ref_eval
+    for k in ("loss", "kd", "s3_spat", "s4_spat", "s3_freq", "s4_freq"):
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=0, msg=k)
 
 
 def test_dc_removal_identity():
