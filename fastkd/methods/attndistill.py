@@ -50,6 +50,9 @@ def build_projector(dim: int, teacher_dim: int, layers: int = 4) -> nn.Sequentia
     return proj
 
 
+_FLOOR = 1e-12  # smallest teacher probability after a bicubic resize (its log must stay finite)
+
+
 def resize_teacher_row(a_t: torch.Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]) -> torch.Tensor:
     """Official ``--interpolate``: keep CLS->CLS, bicubically resize the CLS->patch probabilities to the student's grid
     (``F.interpolate(mode='bicubic')``, ``align_corners=False``) and rescale them to sum to ``1 - a_t[..., 0]``.
@@ -97,7 +100,9 @@ class AttnDistill(Method):
         t_agg: head-aggregation temperature ``T_agg`` (10.0, the released Mugs ViT-B -> ViT-S script; code default 20).
         interpolate: ``"auto"`` (default: on iff the patch grids differ), True or False. Off with different grids is
             an error (the token grids do not line up).
-        clamp: ``(1e-5, 0.996)``, the official safety clamp; None disables it (and the renormalization).
+        clamp: ``(1e-5, 0.996)``, the official safety clamp; None disables it (and the renormalization). With
+            None and ``interpolate``, the resized teacher row is floored at 1e-12 and renormalized (bicubic overshoot
+            can make an entry <= 0, whose log would be NaN).
         proj_layers: projector depth (4, official).
         exact_official: True (default) computes the official math on the materialized ``[B, H, N]`` CLS rows
             (resize, clamp and renormalize act on probabilities). False skips the clamp and computes the KL in
@@ -228,6 +233,8 @@ class AttnDistill(Method):
             a_t = cls_row_probs(q_t, k_t, scale_t)
             if self.interpolate:
                 a_t = resize_teacher_row(a_t, self.lt.grid, self.ls.grid)
+                if self.clamp is None:  # bicubic overshoot can make a probability <= 0: floor it, renormalize
+                    a_t = F.normalize(a_t.clamp_min(_FLOOR), p=1, dim=-1)
         if self.clamp is not None:
             a_s = F.normalize(a_s.clamp(*self.clamp), p=1, dim=-1)
             a_t = F.normalize(a_t.clamp(*self.clamp), p=1, dim=-1)
@@ -239,7 +246,7 @@ class AttnDistill(Method):
             log_a = torch.log_softmax(logits, dim=-1)
         else:  # teacher row resized first (official order: interpolate, then aggregate). Bicubic overshoot can
             # make a resized probability <= 0, whose log is NaN in the official code: floor it at 1e-12 first
-            log_a = resize_teacher_row(cls_row_probs(q, k, scale), src_grid, self.ls.grid).clamp_min(1e-12).log()
+            log_a = resize_teacher_row(cls_row_probs(q, k, scale), src_grid, self.ls.grid).clamp_min(_FLOOR).log()
         return torch.softmax(log_a.sum(dim=1) / self.t_agg, dim=-1)
 
     def _attention_loss_kernel(

@@ -89,6 +89,9 @@ def reference_loss(method, student, teacher, x, *, w_cls=1.0, w_attn=0.1, t_agg=
         patch = F.interpolate(a_t[:, :, 1:].reshape(B, Ht, *gt), size=gs, mode="bicubic", align_corners=False)
         patch = patch.reshape(B, Ht, -1)
         a_t = torch.cat([cls, patch / patch.sum(-1, keepdim=True) * (1 - cls)], -1)
+        if not clamp:  # documented guard: a bicubic overshoot to <= 0 is floored at 1e-12, then renormalized
+            a_t = a_t.clamp_min(1e-12)
+            a_t = a_t / a_t.sum(-1, keepdim=True)
     if a_s.shape[1] != a_t.shape[1]:  # head aggregation
         a_s = torch.softmax(a_s.log().sum(1) / t_agg, -1)
         # documented deviation: a bicubic overshoot to <= 0 (log = NaN in the official code) is floored at 1e-12
@@ -153,6 +156,23 @@ def test_matches_reference(teacher_kw, method_kw, ref_kw):
         _, _, kl_free, _ = reference_loss(method, student, teacher, x, clamp=False, **ref_kw)
         assert abs(float(kl_free) - float(kl)) > 3e-4 * float(kl)  # >1000x the fp32 rounding of kl
     assert any(n.startswith("projector") for n in g_method)
+
+
+def test_no_clamp_interpolation_guards_bicubic_overshoot():
+    """clamp=None with interpolation (per-head case): the bicubic resize of a sharp teacher row overshoots below 0
+    (a NaN log in the official code); the method floors it and renormalizes, and agrees with the reference."""
+    student, teacher = vit(seed=0), vit(seed=1, embed_dim=24, heads=2, patch=4, sharp=40.0)
+    method = M.build("attndistill", student=student, teachers=[wrap(teacher)], clamp=None)
+    assert method.interpolate and not method.aggregation
+    x = images()
+    with torch.no_grad():
+        p_t = last_block(teacher, x, grad=False)[0][:, :, 0, 1:]
+        resized = F.interpolate(p_t.reshape(*p_t.shape[:2], 8, 8), size=(4, 4), mode="bicubic", align_corners=False)
+    assert float(resized.min()) < 0  # the overshoot happens on this input
+    out, g = _run(method, x)
+    assert all(torch.isfinite(v).all() for v in g.values()) and torch.isfinite(out["loss"])
+    check_against_oracle(out, g, functools.partial(oracle, clamp=False), (method, teacher), {"images": x},
+                         parts=("loss", "cls", "attn"))
 
 
 def test_projector_layout():
