@@ -6,6 +6,8 @@ A loader is an iterable of dict batches::
                       ``cfg.mean``/``cfg.std`` (a list of ``num_views`` such tensors in multi-view mode)
     batch["labels"]   LongTensor [B]: hard labels (before Mixup/CutMix), on the target device
     batch["targets"]  FloatTensor [B, num_classes]: soft targets, only when Mixup or CutMix is on
+    batch["clean_images"]  the images before Mixup/CutMix, only when mixing and ``keep_clean_images`` is set
+                      (a method that scores the teacher on clean images asks for it: SSTA's importance="auto")
     batch["index"]    LongTensor [B]: data set index of each sample (on the CPU)
     batch["is_pad"]   BoolTensor [B]: True for samples repeated to even out the ranks (on the CPU)
 
@@ -97,6 +99,7 @@ class BaseLoader:
         self._lock = threading.Lock()
         self._mean = torch.tensor([255.0 * m for m in cfg.mean]).view(1, 3, 1, 1)
         self._std = torch.tensor([255.0 * s for s in cfg.std]).view(1, 3, 1, 1)
+        self.keep_clean_images = False  # also hand out the un-mixed images (batch["clean_images"]) when mixing
         self._mixup = None
         if self.train and cfg.mixing:
             from timm.data import Mixup
@@ -252,6 +255,8 @@ class BaseLoader:
             state = np.random.get_state()
             np.random.seed(seed & 0xFFFFFFFF)
             try:
+                if self.keep_clean_images:  # timm mixes in place
+                    batch["clean_images"] = views[0].clone()
                 batch["images"], batch["targets"] = self._mix(views[0], labels)
             finally:
                 np.random.set_state(state)

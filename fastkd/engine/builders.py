@@ -67,6 +67,7 @@ def build_loaders(cfg: Config, data_cfg, rank: int, world_size: int, *, need_tra
     from fastkd.data import build_loader
 
     train = build_loader(data_cfg, "train", rank, world_size)
+    train.keep_clean_images = method_class(cfg.method.name).needs_clean_images(cfg.method.params)
     val = _optional_split(build_loader, data_cfg, "val", rank, world_size)
     train_eval = None
     if need_train_eval:

@@ -70,6 +70,12 @@ class Method(nn.Module):
             return s.forward_head(s.forward_features(images), pre_logits=True)
         return s(images)
 
+    @classmethod
+    def needs_clean_images(cls, params: dict[str, Any]) -> bool:
+        """Whether the method, built with ``params``, reads ``batch["clean_images"]`` (the images before
+        Mixup/CutMix); the engine then asks the training loader to keep them."""
+        return False
+
     # ---- optimizer
 
     def no_weight_decay(self) -> set[str]:

@@ -89,7 +89,8 @@ class SSTA(Method):
 
     Head importance (METHODS.md 1.3, Michel et al. 2019, https://arxiv.org/abs/1905.10650): ``I_h = E|Σ O_h ·
     ∂L/∂O_h|`` from :mod:`fastkd.importance` (``top_head_per_layer`` of an ``importance.json``), or computed once
-    on the first training batch (``"auto"``; the loss is ``fastkd importance``'s ``auto``: CE on the labels for a
+    on the first training batch's clean images and labels (``"auto"``: ``batch["clean_images"]`` under Mixup/CutMix,
+    which the engine's loader keeps for it; the loss is ``fastkd importance``'s ``auto``: CE on the labels for a
     classifier, ``½‖f‖²`` of the pooled feature for a headless SSL backbone; scores are summed over ranks so every
     rank picks the same head). The chosen heads are saved in the state dict (buffer ``heads``), so a resumed run
     keeps them.
@@ -231,6 +232,12 @@ class SSTA(Method):
         if self._distilled and hasattr(student, "set_distilled_training"):
             student.set_distilled_training(True)
 
+    @classmethod
+    def needs_clean_images(cls, params: dict[str, Any]) -> bool:
+        """``importance="auto"`` scores the heads on the first batch's clean images (before Mixup/CutMix)."""
+        return any(params.get(f"{who}_head") is None and params.get(f"{who}_importance", "auto") in (None, "auto")
+                   for who in _ROLES)
+
     # ---- heads ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def _auto_select(self, images: torch.Tensor, labels: torch.Tensor | None) -> None:
@@ -314,8 +321,13 @@ class SSTA(Method):
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         images = images_of(batch, "ssta")
-        if int(self.heads.min()) < 0:
-            self._auto_select(images, batch.get("labels"))
+        if int(self.heads.min()) < 0:  # auto: score on clean images and their labels, not the Mixup/CutMix batch
+            clean = batch.get("clean_images")
+            if clean is None and "targets" in batch:
+                raise ValueError("ssta importance='auto' scores heads on clean images, but this mixed batch has no "
+                                 "batch['clean_images'] (set keep_clean_images=True on the training loader, or pass "
+                                 "teacher_head/ta_head or an importance.json)")
+            self._auto_select(images if clean is None else clean, batch.get("labels"))
         h_t, h_a = (int(h) for h in self.heads.tolist())
         teacher, ta = self.teachers
         record = ("q", "k", "lse") if self.tau == 1.0 else ("q", "k")  # see _attention_term

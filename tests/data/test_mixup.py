@@ -67,3 +67,18 @@ def test_mixup_in_half_precision(square_folder):
     batch = next(iter(loader))
     assert batch["images"].dtype == torch.float16 and batch["targets"].dtype == torch.float32
     assert batch["targets"].shape == (4, 2)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_clean_images_kept_when_asked(square_folder, backend):
+    """keep_clean_images: batch["clean_images"] is the batch before Mixup/CutMix (the same pixels as with mixing off),
+    while batch["images"] is still mixed; off by default."""
+    plain = list(build_loader(base_cfg(square_folder, backend, batch_size=4, **_DETERMINISTIC), "train"))
+    cfg = base_cfg(square_folder, backend, batch_size=4, mixup=0.8, cutmix=1.0, **_DETERMINISTIC)
+    assert all("clean_images" not in b for b in build_loader(cfg, "train"))
+    loader = build_loader(cfg, "train")
+    loader.keep_clean_images = True
+    kept = list(loader)
+    for p, k in zip(plain, kept):
+        torch.testing.assert_close(k["clean_images"], p["images"], rtol=0, atol=0)
+    assert any(not torch.equal(k["images"], k["clean_images"]) for k in kept)

@@ -150,3 +150,20 @@ def test_epoch_scheduler_state_round_trip():
     other.load_state_dict(sched.state_dict())
     other.step_update(num_updates=9)
     assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] < 1.0
+
+
+@pytest.mark.parametrize("method,params,expected", [
+    ("ssta", [], True),  # importance="auto" by default: scored on clean images
+    ("ssta", ["method.params.teacher_head=0", "method.params.ta_head=1"], False),
+    ("hinton", [], False),
+])
+def test_training_loader_keeps_clean_images_for_the_method(monkeypatch, method, params, expected):
+    import fastkd.data
+
+    class Stub:
+        keep_clean_images = False
+
+    monkeypatch.setattr(fastkd.data, "build_loader", lambda *a, **k: Stub())
+    cfg = _cfg(f"method.name={method}", *params)
+    train, _, _ = builders.build_loaders(cfg, cfg.data, 0, 1)
+    assert train.keep_clean_images is expected

@@ -193,7 +193,49 @@ def test_importance_json_and_auto(tmp_path):
     assert again.selected_heads() == heads
 
 
+def test_auto_importance_scores_clean_images():
+    """Under Mixup/CutMix, importance="auto" scores the teacher's heads on batch["clean_images"] with the (pre-mix)
+    labels, not on the mixed images: the pick equals the independent Michel importance of the clean batch. The
+    mixed batch is chosen so that its own pick differs (asserted). A mixed batch without clean images is refused."""
+    student, teacher, ta = models()
+    g = torch.Generator().manual_seed(5)
+    for _ in range(50):
+        clean = {"images": torch.randn(4, 3, 32, 32, generator=g), "labels": torch.randint(0, NUM_CLASSES, (4,), generator=g)}
+        lam = 0.3
+        mixed = lam * clean["images"] + (1 - lam) * clean["images"].flip(0)
+        if _michel_per_sample_top_head(teacher, {**clean, "images": mixed}) != _michel_per_sample_top_head(teacher, clean):
+            break
+    else:
+        raise AssertionError("no batch found whose mixed and clean head choices differ")
+    onehot = F.one_hot(clean["labels"], NUM_CLASSES).float()
+    targets = lam * onehot + (1 - lam) * onehot.flip(0)
+    batch = {"images": mixed, "labels": clean["labels"], "targets": targets, "clean_images": clean["images"]}
+    method = M.build("ssta", student=student, teachers=[wrap(teacher), wrap(ta)], ta_head=1)
+    method(batch)
+    assert method.selected_heads()["teacher"] == _michel_per_sample_top_head(teacher, clean)
+    assert M.get("ssta").needs_clean_images({"ta_head": 1})
+    assert not M.get("ssta").needs_clean_images({"teacher_head": 0, "ta_head": 1})
+    fresh = M.build("ssta", student=student, teachers=[wrap(teacher), wrap(ta)], ta_head=1)
+    with pytest.raises(ValueError, match="clean_images"):
+        fresh({k: v for k, v in batch.items() if k != "clean_images"})
+
+
+def _michel_per_sample_top_head(model, batch):
+    """Michel et al.'s I_h = E_x |∂L(x)/∂ξ_h| with the absolute value per sample (``_michel_top_head`` per image,
+    the |gate gradient| summed over the batch)."""
+    scores = None
+    for i in range(batch["images"].shape[0]):
+        one = {"images": batch["images"][i:i + 1], "labels": batch["labels"][i:i + 1]}
+        g = _michel_gate_grad(model, one).abs()
+        scores = g if scores is None else scores + g
+    return int(scores.argmax())
+
+
 def _michel_top_head(model, batch):
+    return int(_michel_gate_grad(model, batch).abs().argmax())
+
+
+def _michel_gate_grad(model, batch):
     """Materialized Michel et al. 2019 importance of the last block: gate ξ_h on each head's output, I_h = |∂L/∂ξ_h|,
     L = CE summed over the batch."""
     attn = model.blocks[-1].attn
@@ -214,7 +256,7 @@ def _michel_top_head(model, batch):
     finally:
         h.remove()
     (g,) = torch.autograd.grad(loss, gate)
-    return int(g.abs().argmax())
+    return g
 
 
 def test_training_reduces_loss():
