@@ -133,7 +133,7 @@ def build_pipeline(
         for v, window in enumerate(windows):
             view = fn.resize(window, resize_x=size, resize_y=size, interp_type=interp, antialias=True)
             if cfg.randaugment > 0:
-                view = _rand_augment(view, params[per_view * v + 3], cfg, interp)
+                view = _rand_augment(view, params[per_view * v + 3], cfg)
             outs.append(
                 fn.crop_mirror_normalize(
                     view, mirror=params[per_view * v + 2], mean=mean, std=std, dtype=out_dtype, output_layout="CHW"
@@ -176,8 +176,8 @@ def rand_augment_suite(cfg: DataConfig):
     ``mag_to_param`` is timm's level-to-argument rule (``timm.data.auto_augment.LEVEL_TO_ARG``), so a
     magnitude bin and a sign give the argument timm would use.
 
-    Differences left: the fill of the geometric operations is one grey value (DALI fills every channel
-    alike; timm fills with the per-channel mean), ``Equalize`` follows OpenCV's rounding, ``Color``
+    Differences left: the geometric operations resample bilinearly and fill with one grey value (DALI
+    fills every channel alike; timm fills with the per-channel mean), ``Equalize`` follows OpenCV's rounding, ``Color``
     is DALI's saturation and sharpness leaves a one-pixel border unfiltered.
     """
     from nvidia.dali.auto_aug import augmentations as a
@@ -247,9 +247,11 @@ def draw_rand_augment(rng: np.random.Generator, cfg: DataConfig, num_ops: int) -
     return np.concatenate([np.where(applied, ops, num_ops), bins, signs]).astype(np.int32)
 
 
-def _rand_augment(view, ra, cfg: DataConfig, interp):
+def _rand_augment(view, ra, cfg: DataConfig):
     """timm's RandAugment on a DALI batch, with the operations, magnitude bins and signs read from
-    ``ra`` (see :func:`draw_rand_augment`) instead of drawn by DALI random operators."""
+    ``ra`` (see :func:`draw_rand_augment`) instead of drawn by DALI random operators. The geometric
+    operations resample bilinearly (DALI's warps offer no bicubic; timm uses ``interpolation``)."""
+    from nvidia.dali import types
     from nvidia.dali.auto_aug.core import select
     from nvidia.dali.auto_aug.core import signed_bin
 
@@ -259,7 +261,8 @@ def _rand_augment(view, ra, cfg: DataConfig, interp):
     for k in range(n):
         magnitude = signed_bin(ra[n + k], random_sign=ra[2 * n + k])
         view = select(
-            suite, ra[k], data=view, magnitude_bin=magnitude, num_magnitude_bins=RA_BINS, fill_value=fill, interp_type=interp
+            suite, ra[k], data=view, magnitude_bin=magnitude, num_magnitude_bins=RA_BINS, fill_value=fill,
+            interp_type=types.INTERP_LINEAR,
         )
     return view
 

@@ -25,6 +25,7 @@ from fastkd.data.loader import replacement_candidates
 from fastkd.data.transforms import TrainTransform
 from fastkd.data.transforms import ValTransform
 from fastkd.data.transforms import decode_rgb
+from fastkd.data.transforms import pil_size_limit_lifted
 from fastkd.data.transforms import seeded
 
 
@@ -58,6 +59,10 @@ class _Dataset(torch.utils.data.Dataset):
             return [self.transform(img) for _ in range(self.num_views)]
 
     def __getitem__(self, item: tuple[int, bool, int], force_replace: bool = False) -> dict[str, Any]:
+        with pil_size_limit_lifted():  # DataConfig.max_image_pixels applies instead (see decode)
+            return self._get(item, force_replace)
+
+    def _get(self, item: tuple[int, bool, int], force_replace: bool) -> dict[str, Any]:
         index, is_pad, seed = int(item[0]), bool(item[1]), int(item[2])
         bad: list[tuple[int, str]] = []
         img, problem = self.decode(index)

@@ -43,7 +43,20 @@ def center_crop_box(height: int, width: int, size: int) -> tuple[int, int, int, 
     return left, top, left + size, top + size
 
 
-_PIL_LIMIT_LOCK = threading.Lock()
+_PIL_LIMIT_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def pil_size_limit_lifted():
+    """PIL's own decompression-bomb limit off for the block (it also guards ``crop`` and ``resize``):
+    ``DataConfig.max_image_pixels``, which both backends apply in :func:`open_image`, replaces it."""
+    with _PIL_LIMIT_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -53,13 +66,8 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     0 = none), which both backends apply, so that they accept the same files; a larger image raises
     ``ValueError`` naming the field.
     """
-    with _PIL_LIMIT_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-        try:
-            img = Image.open(io.BytesIO(data))
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved
+    with pil_size_limit_lifted():
+        img = Image.open(io.BytesIO(data))
     if max_pixels and img.width * img.height > max_pixels:
         pixels = img.width * img.height
         img.close()
