@@ -2,7 +2,7 @@
 
 Graph (training): encoded bytes -> decode fused with the random-resized-crop (``decoders.image_slice``:
 only the crop window is decoded; "mixed" = nvJPEG on the GPU) -> resize to ``img_size`` -> optional
-RandAugment (the operations of ``nvidia.dali.auto_aug.rand_augment``'s suite) -> flip + normalise +
+RandAugment (timm's ``rand-m9-mstd0.5-inc1`` policy built from ``nvidia.dali.auto_aug`` blocks) -> flip + normalise +
 HWC->CHW + cast (``crop_mirror_normalize``). Multi-view mode decodes once and cuts ``num_views``
 windows. Validation: decode -> resize shorter side -> centre crop + normalise. Without a GPU the
 identical graph runs with CPU operators (``device_id=None``).

@@ -4,8 +4,9 @@ Workers decode and augment to uint8 CHW tensors (4x less to pin and copy than fl
 process moves them to the device, normalises there, casts to the training dtype and applies
 Mixup/CutMix, exactly where the DALI backend does.
 
-Each sample is augmented with torch's generator seeded by the sample's own seed
-(:func:`fastkd.data.sharding.sample_seeds`) and restored afterwards, so its crop, flip and RandAugment
+Each sample is augmented with torch's, NumPy's and Python's generators seeded by the sample's own
+seed (:func:`fastkd.data.sharding.sample_seeds`, :func:`fastkd.data.transforms.seeded`) and restored
+afterwards, so its crop, flip and RandAugment
 do not depend on the worker that draws it, on the number of workers, or on where a run resumed.
 """
 
