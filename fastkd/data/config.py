@@ -18,6 +18,7 @@ SHARD_POLICIES = ("pad", "drop")
 CORRUPT_POLICIES = ("skip", "replace", "error")
 INTERPOLATIONS = ("bilinear", "bicubic")
 MIXUP_MODES = ("batch", "pair", "elem")
+ERASING_MODES = ("pixel", "rand", "const")
 SPLITS = ("train", "val")
 
 
@@ -61,12 +62,35 @@ class DataConfig:
         ratio: Random-resized-crop aspect-ratio range, width / height (DeiT: ``(3/4, 4/3)``).
         interpolation: ``"bilinear" | "bicubic"``, used by every resize (antialiased when shrinking).
         hflip: Probability of a horizontal flip.
-        randaugment: Number of RandAugment operations per image (DALI ``auto_aug.rand_augment`` /
-            torchvision ``RandAugment``); 0 turns RandAugment off.
-        randaugment_magnitude: RandAugment magnitude, 0..30 on the 31-bin scale both libraries use.
+        randaugment: Number of RandAugment operations per image (timm's ``n``); 0 turns RandAugment off.
+            The policy is timm's ``rand-m<M>-mstd<S>-inc<0|1>`` (DeiT: ``rand-m9-mstd0.5-inc1``): each
+            of the ``n`` operations is drawn uniformly (with replacement) from timm's 15 operations and
+            applied with probability 0.5. torch backend: timm's own ``rand_augment_transform``; DALI:
+            the same operations, arguments and draws, built from ``nvidia.dali.auto_aug`` blocks.
+        randaugment_magnitude: timm's magnitude ``M`` on its 0..10 scale (10 = strongest).
+        randaugment_mstd: timm's ``mstd``: each operation's magnitude is drawn from
+            ``Normal(M, mstd)`` clipped to [0, 10]; 0 uses ``M`` as is.
+        randaugment_increasing: timm's ``inc1`` operation set (posterize, solarize and the enhance
+            operations grow stronger with the magnitude); False is ``inc0``.
+        random_erasing: Probability of timm's ``RandomErasing`` per sample (DeiT: 0.25), on the target
+            device after normalisation and before Mixup/CutMix (as in DeiT, whose erasing is the last step
+            of the per-sample transform); each sample's erasing is seeded by ``(seed, epoch, data set
+            index, copy)``. 0 turns it off.
+        random_erasing_mode: ``"pixel" | "rand" | "const"`` as timm's ``RandomErasing`` ``mode``
+            (``pixel``: per-pixel normal noise, the DeiT setting).
+        repeated_augmentation: DeiT's repeated augmentation (``RASampler``) with this many copies of
+            each sample per epoch (DeiT: 3), each copy augmented differently, the copies of a sample
+            read by consecutive ranks; the epoch keeps its ordinary length (``N / world_size`` samples
+            per rank), so an epoch sees about ``N / repeats`` distinct images. 1 turns it off.
         num_views: 1 for supervised training. >1 turns on the multi-view (SSL) mode:
             ``batch["images"]`` becomes a list of ``num_views`` tensors, each an independent
             random-resized-crop / flip / RandAugment of the same images. Mixup/CutMix must be off.
+
+    Decoding (both splits)
+        max_image_pixels: Largest image (width x height) either backend decodes; a larger one is
+            treated as corrupt (the ``corrupt`` policy applies) with a message naming this field.
+            0 means no limit. Replaces PIL's own decompression-bomb limit, so that PIL and DALI accept
+            the same files. Both backends apply the EXIF orientation.
 
     Validation split
         crop_pct: The shorter side is resized to ``floor(img_size / crop_pct)``, then the centre
@@ -128,7 +152,13 @@ class DataConfig:
     interpolation: str = "bilinear"
     hflip: float = 0.5
     randaugment: int = 0
-    randaugment_magnitude: int = 9
+    randaugment_magnitude: float = 9
+    randaugment_mstd: float = 0.5
+    randaugment_increasing: bool = True
+    random_erasing: float = 0.0
+    random_erasing_mode: str = "pixel"
+    repeated_augmentation: int = 1
+    max_image_pixels: int = 2**28
     num_views: int = 1
     crop_pct: float = 0.875
     mixup: float = 0.0
@@ -187,6 +217,7 @@ class DataConfig:
             ("corrupt", CORRUPT_POLICIES),
             ("interpolation", INTERPOLATIONS),
             ("mixup_mode", MIXUP_MODES),
+            ("random_erasing_mode", ERASING_MODES),
         ):
             if getattr(self, name) not in choices:
                 bad(name, f"must be one of {list(choices)}")
@@ -196,18 +227,22 @@ class DataConfig:
         for name in ("batch_size", "img_size", "num_views", "prefetch"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "must be a positive integer")
-        for name in ("val_batch_size", "num_workers", "num_classes", "randaugment"):
+        if not isinstance(self.repeated_augmentation, int) or self.repeated_augmentation < 1:
+            bad("repeated_augmentation", "must be a positive integer (1 turns it off)")
+        for name in ("val_batch_size", "num_workers", "num_classes", "randaugment", "max_image_pixels"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 bad(name, "must be a non-negative integer")
-        if not 0 <= self.randaugment_magnitude <= 30:
-            bad("randaugment_magnitude", "must lie in [0, 30]")
+        if not 0 <= self.randaugment_magnitude <= 10:
+            bad("randaugment_magnitude", "must lie in [0, 10] (timm's magnitude scale)")
+        if not self.randaugment_mstd >= 0:
+            bad("randaugment_mstd", "must be >= 0 (0 turns the magnitude noise off)")
         if not 0.0 < self.crop_pct <= 1.0:
             bad("crop_pct", "must lie in (0, 1]")
         if len(self.scale) != 2 or not 0.0 < self.scale[0] <= self.scale[1] <= 1.0:
             bad("scale", "must be (min, max) with 0 < min <= max <= 1")
         if len(self.ratio) != 2 or not 0.0 < self.ratio[0] <= self.ratio[1]:
             bad("ratio", "must be (min, max) with 0 < min <= max")
-        for name in ("hflip", "mixup_prob", "mixup_switch_prob", "label_smoothing", "hw_decoder_load"):
+        for name in ("hflip", "random_erasing", "mixup_prob", "mixup_switch_prob", "label_smoothing", "hw_decoder_load"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 bad(name, "must lie in [0, 1]")
         for name in ("mixup", "cutmix"):

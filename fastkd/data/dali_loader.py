@@ -2,7 +2,7 @@
 
 Graph (training): encoded bytes -> decode fused with the random-resized-crop (``decoders.image_slice``:
 only the crop window is decoded; "mixed" = nvJPEG on the GPU) -> resize to ``img_size`` -> optional
-RandAugment (the operations of ``nvidia.dali.auto_aug.rand_augment``'s suite) -> flip + normalise +
+RandAugment (timm's ``rand-m9-mstd0.5-inc1`` policy built from ``nvidia.dali.auto_aug`` blocks) -> flip + normalise +
 HWC->CHW + cast (``crop_mirror_normalize``). Multi-view mode decodes once and cuts ``num_views``
 windows. Validation: decode -> resize shorter side -> centre crop + normalise. Without a GPU the
 identical graph runs with CPU operators (``device_id=None``).
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import io
 import weakref
 from typing import Any
 
@@ -38,12 +37,13 @@ import torch
 
 from fastkd.data.config import DataConfig
 from fastkd.data.loader import BaseLoader
+from fastkd.data.transforms import open_image
 from fastkd.data.transforms import random_resized_crop_box
 
 
 def view_input_count(cfg: DataConfig) -> int:
     """Inputs per view of the training graph: crop anchor (x, y), crop size (w, h), mirror flag, and
-    with RandAugment its operation indices followed by their sign bits (2 * randaugment values)."""
+    with RandAugment its draws (3 * randaugment values, see :func:`draw_rand_augment`)."""
     return 4 if cfg.randaugment > 0 else 3
 
 
@@ -73,7 +73,7 @@ def build_pipeline(
     ``source_fn`` returns a batch: for validation a list of uint8 arrays of encoded images; for training
     a tuple of ``1 + view_input_count(cfg) * num_views`` lists: the encoded images, then for each view
     the int32 crop anchor ``(x, y)``, crop size ``(w, h)``, mirror flag, and (with RandAugment) its
-    operation indices + sign bits (see :meth:`DaliLoader.view_inputs`).
+    draws (see :meth:`DaliLoader.view_inputs`).
 
     ``device_id=None`` builds the CPU graph; an integer builds the GPU graph, which fails with a clear
     error where CUDA is missing.
@@ -160,32 +160,109 @@ def build_pipeline(
     return pipe
 
 
-def rand_augment_suite():
-    """DALI's RandAugment operations (``rand_augment``'s default suite), in the order their index picks."""
-    from nvidia.dali.auto_aug import rand_augment
+RA_BINS = 101  # magnitude grid of the DALI lookup tables: timm's 0..10 scale in steps of 0.1
 
-    return rand_augment.get_rand_augment_suite()
+
+def _posterize_mask(bits: int) -> np.ndarray:
+    """The AND mask that keeps the ``bits`` most significant bits (PIL ``posterize``; 8 or more: all)."""
+    bits = min(8, max(0, int(bits)))
+    return np.array((0xFF << (8 - bits)) & 0xFF, dtype=np.uint8)
+
+
+def rand_augment_suite(cfg: DataConfig):
+    """timm's RandAugment operations (``rand_augment_choices``: the ``inc1`` or ``inc0`` set, in timm's
+    order) as ``nvidia.dali.auto_aug`` augmentations, followed by ``identity`` (an operation that its
+    coin flip did not apply). Magnitudes are timm's 0..10 scale (``mag_range=(0, 10)``) and each
+    ``mag_to_param`` is timm's level-to-argument rule (``timm.data.auto_augment.LEVEL_TO_ARG``), so a
+    magnitude bin and a sign give the argument timm would use.
+
+    Differences left: the geometric operations resample bilinearly and fill with one grey value (DALI
+    fills every channel alike; timm fills with the per-channel mean), ``Equalize`` follows OpenCV's rounding, ``Color``
+    is DALI's saturation and sharpness leaves a one-pixel border unfiltered.
+    """
+    from nvidia.dali.auto_aug import augmentations as a
+
+    size = cfg.img_size
+    inc = cfg.randaugment_increasing
+
+    def level(m) -> float:  # the table's magnitudes are linspace(0, 10, RA_BINS): undo float noise
+        return round(float(m), 6) / 10.0
+
+    def enhance(m):
+        if inc:  # 1 +- 0.9 level, kept >= 0.1 (the sign is already in m)
+            return np.float32(max(0.1, 1.0 + 0.9 * level(m)))
+        return np.float32(1.8 * level(m) + 0.1)
+
+    def sharpen(m):  # PIL: factor * img + (1 - factor) * smooth
+        return a.sharpness_kernel(float(enhance(m)) - 1.0)
+
+    def posterize(m):
+        bits = int(level(m) * 4)
+        return _posterize_mask(4 - bits if inc else bits)
+
+    def solarize(m):
+        thresh = min(256, int(level(m) * 256))
+        return np.float32(256 - thresh if inc else thresh)
+
+    enhance_kw = dict(mag_range=(0, 10), randomly_negate=inc, mag_to_param=enhance)
+    ops = [
+        a.auto_contrast,
+        a.equalize,
+        a.invert,
+        a.rotate.augmentation(mag_range=(0, 10), randomly_negate=True, mag_to_param=lambda m: np.float32(30 * level(m))),
+        a.posterize.augmentation(mag_range=(0, 10), randomly_negate=False, mag_to_param=posterize),
+        a.solarize.augmentation(mag_range=(0, 10), randomly_negate=False, mag_to_param=solarize),
+        a.solarize_add.augmentation(
+            mag_range=(0, 10), randomly_negate=False, mag_to_param=lambda m: np.uint8(min(128, int(level(m) * 110)))
+        ),
+        a.color.augmentation(**enhance_kw),
+        a.contrast.augmentation(**enhance_kw),
+        a.brightness.augmentation(**enhance_kw),
+        a.sharpness.augmentation(mag_range=(0, 10), randomly_negate=inc, mag_to_param=sharpen),
+        a.shear_x.augmentation(mag_range=(0, 10), randomly_negate=True, mag_to_param=lambda m: [0.3 * level(m), 0]),
+        a.shear_y.augmentation(mag_range=(0, 10), randomly_negate=True, mag_to_param=lambda m: [0, 0.3 * level(m)]),
+        a.translate_x_no_shape.augmentation(
+            mag_range=(0, 10), randomly_negate=True, mag_to_param=lambda m: [0.45 * level(m) * size, 0]
+        ),
+        a.translate_y_no_shape.augmentation(
+            mag_range=(0, 10), randomly_negate=True, mag_to_param=lambda m: [0, 0.45 * level(m) * size]
+        ),
+    ]
+    return ops + [a.identity]
+
+
+def draw_rand_augment(rng: np.random.Generator, cfg: DataConfig, num_ops: int) -> np.ndarray:
+    """One view's RandAugment draws, as timm makes them: ``n`` operations uniformly with replacement,
+    each applied with probability 0.5, its magnitude ``Normal(M, mstd)`` clipped to [0, 10], its
+    sign a fair coin. Returns ``n`` operation indices (``num_ops`` = not applied), ``n`` magnitude
+    bins of :data:`RA_BINS` and ``n`` sign bits."""
+    n = cfg.randaugment
+    ops = rng.integers(0, num_ops, n)
+    applied = rng.random(n) < 0.5
+    mags = np.full(n, float(cfg.randaugment_magnitude))
+    if cfg.randaugment_mstd > 0:
+        mags = rng.normal(mags, cfg.randaugment_mstd)
+    bins = np.rint(np.clip(mags, 0.0, 10.0) * (RA_BINS - 1) / 10.0)
+    signs = rng.integers(0, 2, n)
+    return np.concatenate([np.where(applied, ops, num_ops), bins, signs]).astype(np.int32)
 
 
 def _rand_augment(view, ra, cfg: DataConfig):
-    """RandAugment as ``nvidia.dali.auto_aug.rand_augment`` applies it, but with the operations and the
-    signs of their magnitudes read from ``ra`` (``n`` indices, then ``n`` sign bits) instead of drawn by
-    DALI random operators."""
+    """timm's RandAugment on a DALI batch, with the operations, magnitude bins and signs read from
+    ``ra`` (see :func:`draw_rand_augment`) instead of drawn by DALI random operators. The geometric
+    operations resample bilinearly (DALI's warps offer no bicubic; timm uses ``interpolation``)."""
+    from nvidia.dali import types
     from nvidia.dali.auto_aug.core import select
     from nvidia.dali.auto_aug.core import signed_bin
 
-    suite = rand_augment_suite()
+    suite = rand_augment_suite(cfg)
     n = cfg.randaugment
-    for level in range(n):
-        magnitude = signed_bin(cfg.randaugment_magnitude, random_sign=ra[n + level])
+    fill = round(255 * sum(cfg.mean) / 3)
+    for k in range(n):
+        magnitude = signed_bin(ra[n + k], random_sign=ra[2 * n + k])
         view = select(
-            suite,
-            ra[level],
-            data=view,
-            magnitude_bin=magnitude,
-            num_magnitude_bins=31,
-            fill_value=128,
-            interp_type=None,
+            suite, ra[k], data=view, magnitude_bin=magnitude, num_magnitude_bins=RA_BINS, fill_value=fill,
+            interp_type=types.INTERP_LINEAR,
         )
     return view
 
@@ -228,11 +305,10 @@ class _Feeder:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _oriented_size(data: bytes) -> tuple[int, int]:
-    """(height, width) of an encoded image as DALI decodes it (EXIF orientation applied); headers only."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
+def _oriented_size(data: bytes, max_pixels: int) -> tuple[int, int]:
+    """(height, width) of an encoded image as DALI decodes it (EXIF orientation applied); headers only.
+    Raises ValueError for an image over ``max_pixels`` (``DataConfig.max_image_pixels``)."""
+    with open_image(data, max_pixels) as img:
         width, height = img.size
         orientation = img.getexif().get(0x0112, 1)
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
@@ -250,12 +326,12 @@ class DaliLoader(BaseLoader):
         self._state = "dirty"  # fresh: nothing in flight | drain: only the end signal left | dirty: rebuild
         self._builds = 0
         self._probe_pipe = None
-        self._num_ops = len(rand_augment_suite()) if self.train and cfg.randaugment > 0 else 0
+        self._num_ops = len(rand_augment_suite(cfg)) - 1 if self.train and cfg.randaugment > 0 else 0
 
     # -- input side ---------------------------------------------------------------------------------
 
-    def read_chunk(self, chunk, pool) -> list[tuple[int, bool, bytes, list[np.ndarray]]]:
-        """``(index used, is_pad, bytes, view inputs)`` of a batch, corrupt samples skipped or replaced.
+    def read_chunk(self, chunk, pool) -> list[tuple[int, bool, bytes, list[np.ndarray], int]]:
+        """``(index used, is_pad, bytes, view inputs, augmentation seed)`` of a batch, corrupt samples skipped or replaced.
         A replacement is augmented with the seed of the slot it fills."""
         idx, pad, seeds = chunk
         reads = list(pool.map(self.read_checked, idx.tolist())) if len(idx) > 1 else [self.read_checked(int(idx[0]))]
@@ -279,15 +355,16 @@ class DaliLoader(BaseLoader):
         return items
 
     def _item(self, index: int, is_pad: bool, data: bytes, seed: int):
-        """The feeder's entry of a sample; None (recorded as corrupt) when its header cannot be parsed."""
-        if not self.train:
-            return index, is_pad, data, []
+        """The feeder's entry of a sample; None (recorded as corrupt) when its header cannot be parsed
+        or the image is larger than ``max_image_pixels``."""
         try:
-            height, width = _oriented_size(data)
+            height, width = _oriented_size(data, self.cfg.max_image_pixels)
         except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... on bad headers
-            self.record_bad(index, f"decode failed: unreadable header: {type(exc).__name__}: {exc}")
+            self.record_bad(index, f"decode failed: {type(exc).__name__}: {exc}")
             return None
-        return index, is_pad, data, self.view_inputs(np.random.default_rng(seed), height, width)
+        if not self.train:
+            return index, is_pad, data, [], seed
+        return index, is_pad, data, self.view_inputs(np.random.default_rng(seed), height, width), seed
 
     def view_inputs(self, rng: np.random.Generator, height: int, width: int) -> list[np.ndarray]:
         """The random choices of one sample, per view: crop anchor, crop size, mirror, RandAugment."""
@@ -302,9 +379,7 @@ class DaliLoader(BaseLoader):
                 np.array(mirror, dtype=np.int32),
             ]
             if cfg.randaugment > 0:
-                ops = rng.integers(0, self._num_ops, cfg.randaugment)
-                signs = rng.integers(0, 2, cfg.randaugment)
-                out.append(np.concatenate([ops, signs]).astype(np.int32))
+                out.append(draw_rand_augment(rng, cfg, self._num_ops))
         return out
 
     def _replacement(self, index: int) -> tuple[int, bytes] | None:
@@ -357,7 +432,7 @@ class DaliLoader(BaseLoader):
         in_flight = list(self._feeder.in_flight)
         found = 0
         for _, items in in_flight:
-            for index, _, data, _ in items:
+            for index, _, data, *_ in items:
                 reason = self._probe(data)
                 if reason is not None:
                     self.record_bad(index, reason)
@@ -424,6 +499,7 @@ class DaliLoader(BaseLoader):
                     "labels": self.source.labels[[it[0] for it in items]],
                     "index": [it[0] for it in items],
                     "is_pad": [it[1] for it in items],
+                    "seeds": [it[4] for it in items],
                 }
                 yield raw, len(chunk[0])
         finally:

@@ -34,6 +34,7 @@ from fastkd.data.config import DataConfig
 from fastkd.data.sources import Source
 from fastkd.data.sources import encoded_problem
 from fastkd.data.sources import open_source
+from fastkd.data.transforms import seeded
 
 log = logging.getLogger("fastkd.data")
 
@@ -113,6 +114,14 @@ class BaseLoader:
                 label_smoothing=cfg.label_smoothing,
                 num_classes=self.num_classes,
             )
+        self._erase = None
+        if self.train and cfg.random_erasing > 0:
+            from timm.data.random_erasing import RandomErasing
+
+            self._erase = RandomErasing(
+                probability=cfg.random_erasing, mode=cfg.random_erasing_mode, device=str(self.device)
+            )
+        self.repeats = cfg.repeated_augmentation if self.train else 1
         sharding.shard(np.arange(len(source)), rank, world_size, cfg.shard_policy)  # fails early if empty
 
     # ------------------------------------------------------------------------------------------------
@@ -133,10 +142,21 @@ class BaseLoader:
 
     def plan(self, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """This rank's sample indices for ``epoch`` (default: the current one) and their padding flags."""
-        order = sharding.epoch_order(
-            len(self.source), self.epoch if epoch is None else epoch, self.cfg.seed, self.shuffle
+        indices, pad, _ = self._plan(self.epoch if epoch is None else epoch)
+        return indices, pad
+
+    def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Indices, padding flags and augmentation seeds of this rank's share of ``epoch``. With repeated
+        augmentation the share is cut from the epoch order of ``repeats`` copies per sample, to the
+        length of an ordinary epoch, and each copy has its own seed."""
+        order = sharding.epoch_order(len(self.source), epoch, self.cfg.seed, self.shuffle)
+        keys, pad = sharding.shard(
+            sharding.repeat(order, self.repeats), self.rank, self.world_size, self.cfg.shard_policy
         )
-        return sharding.shard(order, self.rank, self.world_size, self.cfg.shard_policy)
+        keys, pad = keys[: self.samples_per_epoch], pad[: self.samples_per_epoch]
+        if not self.train:
+            return keys, pad, np.zeros(len(keys), np.uint64)
+        return keys // self.repeats, pad, sharding.sample_seeds(self.cfg.seed, epoch, keys)
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` at its beginning; calling it with the current epoch keeps a resumed position."""
@@ -174,11 +194,8 @@ class BaseLoader:
     # iteration
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        indices, pad = self.plan()
         epoch = self.epoch
-        seeds = (
-            sharding.sample_seeds(self.cfg.seed, epoch, indices) if self.train else np.zeros(len(indices), np.uint64)
-        )
+        indices, pad, seeds = self._plan(epoch)
         chunks = [
             (indices[b:e], pad[b:e], seeds[b:e])
             for b, e in sharding.batch_slices(len(indices), self.batch_size, self.drop_last, self.position)
@@ -237,12 +254,15 @@ class BaseLoader:
         return x.to(self.dtype)
 
     def _finish(self, raw: dict[str, Any], seed: int) -> dict[str, Any]:
-        """raw: images (list of views, normalised on device or uint8), labels, index, is_pad (numpy/tensors);
-        ``seed``: the batch's Mixup/CutMix seed."""
+        """raw: images (list of views, normalised on device or uint8), labels, index, is_pad (numpy/tensors),
+        seeds (each sample's augmentation seed); ``seed``: the batch's Mixup/CutMix seed."""
         views = raw["images"]
         if views[0].dtype == torch.uint8:
             views = [self._normalize(v) for v in views]
         views = [v if v.dtype == self.dtype else v.to(self.dtype) for v in views]
+        if self._erase is not None:
+            for v, view in enumerate(views):
+                self._random_erase(view, sharding.derived_seeds(raw["seeds"], v))
         labels = torch.as_tensor(np.asarray(raw["labels"], dtype=np.int64)).to(self.device, non_blocking=True)
         batch: dict[str, Any] = {
             "images": views if self.num_views > 1 else views[0],
@@ -261,6 +281,12 @@ class BaseLoader:
             finally:
                 np.random.set_state(state)
         return batch
+
+    def _random_erase(self, images: torch.Tensor, seeds: np.ndarray) -> None:
+        """timm's ``RandomErasing``, in place, sample by sample, each with its own seed."""
+        for image, sample_seed in zip(images, seeds.tolist()):
+            with seeded(int(sample_seed), images.device):
+                self._erase(image)
 
     def _mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """timm Mixup/CutMix; an odd batch (a last partial one) mixes its even prefix and gives the

@@ -25,6 +25,16 @@ def epoch_order(num_samples: int, epoch: int, seed: int, shuffle: bool) -> np.nd
     return rng.permutation(num_samples).astype(np.int64)
 
 
+def repeat(order: np.ndarray, repeats: int) -> np.ndarray:
+    """Repeated augmentation (DeiT's ``RASampler``): each sample of ``order`` becomes ``repeats``
+    adjacent copies, given as keys ``index * repeats + copy`` (``key // repeats`` is the data set index;
+    the key seeds the copy's augmentation). Sharding then sends the copies of a sample to consecutive
+    ranks, as DeiT's sampler does."""
+    if repeats == 1:
+        return order
+    return (order[:, None] * repeats + np.arange(repeats, dtype=np.int64)).reshape(-1)
+
+
 def samples_per_rank(num_samples: int, world_size: int, policy: str) -> int:
     if policy == "pad":
         return math.ceil(num_samples / world_size)
@@ -79,9 +89,16 @@ def _key(seed: int, epoch: int, stream: int) -> np.uint64:
 
 
 def sample_seeds(seed: int, epoch: int, indices) -> np.ndarray:
-    """The augmentation seed (uint64) of each data set index in ``indices`` for ``epoch``."""
+    """The augmentation seed (uint64) of each data set index (or repeated-augmentation key, see
+    :func:`repeat`) in ``indices`` for ``epoch``."""
     idx = np.asarray(indices, dtype=np.int64).astype(np.uint64)
     return _mix64(idx ^ _key(seed, epoch, 1))
+
+
+def derived_seeds(seeds, stream: int) -> np.ndarray:
+    """Independent seeds for another random step of the same samples (e.g. random erasing of view
+    ``stream``), derived from their augmentation ``seeds``."""
+    return _mix64(np.asarray(seeds, dtype=np.uint64) ^ _key(0, 0, 3 + int(stream)))
 
 
 def batch_seed(seed: int, epoch: int, position: int) -> int:

@@ -4,8 +4,9 @@ Workers decode and augment to uint8 CHW tensors (4x less to pin and copy than fl
 process moves them to the device, normalises there, casts to the training dtype and applies
 Mixup/CutMix, exactly where the DALI backend does.
 
-Each sample is augmented with torch's generator seeded by the sample's own seed
-(:func:`fastkd.data.sharding.sample_seeds`) and restored afterwards, so its crop, flip and RandAugment
+Each sample is augmented with torch's, NumPy's and Python's generators seeded by the sample's own
+seed (:func:`fastkd.data.sharding.sample_seeds`, :func:`fastkd.data.transforms.seeded`) and restored
+afterwards, so its crop, flip and RandAugment
 do not depend on the worker that draws it, on the number of workers, or on where a run resumed.
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import io
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,9 @@ from fastkd.data.loader import read_checked
 from fastkd.data.loader import replacement_candidates
 from fastkd.data.transforms import TrainTransform
 from fastkd.data.transforms import ValTransform
+from fastkd.data.transforms import decode_rgb
+from fastkd.data.transforms import pil_size_limit_lifted
+from fastkd.data.transforms import seeded
 
 
 class _Dataset(torch.utils.data.Dataset):
@@ -33,6 +36,7 @@ class _Dataset(torch.utils.data.Dataset):
     def __init__(self, loader: TorchLoader) -> None:
         self.source = loader.source
         self.policy = loader.cfg.corrupt
+        self.max_pixels = loader.cfg.max_image_pixels
         self.num_views = loader.num_views
         self.train = loader.train
         self.transform = TrainTransform(loader.cfg) if loader.train else ValTransform(loader.cfg)
@@ -45,19 +49,21 @@ class _Dataset(torch.utils.data.Dataset):
         if data is None:
             return None, problem
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                return img.convert("RGB"), None
+            return decode_rgb(data, self.max_pixels), None
         except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... on bad streams
             return None, f"decode failed: {type(exc).__name__}: {exc}"
 
     def augment(self, img: Image.Image, seed: int) -> list[torch.Tensor]:
         if not self.train:
             return [self.transform(img)]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):
             return [self.transform(img) for _ in range(self.num_views)]
 
     def __getitem__(self, item: tuple[int, bool, int], force_replace: bool = False) -> dict[str, Any]:
+        with pil_size_limit_lifted():  # DataConfig.max_image_pixels applies instead (see decode)
+            return self._get(item, force_replace)
+
+    def _get(self, item: tuple[int, bool, int], force_replace: bool) -> dict[str, Any]:
         index, is_pad, seed = int(item[0]), bool(item[1]), int(item[2])
         bad: list[tuple[int, str]] = []
         img, problem = self.decode(index)
@@ -89,6 +95,7 @@ def _collate(items: list[dict[str, Any]], num_views: int, size: int) -> dict[str
         "labels": np.array([it["label"] for it in good], dtype=np.int64),
         "index": np.array([it["index"] for it in good], dtype=np.int64),
         "is_pad": np.array([it["is_pad"] for it in good], dtype=bool),
+        "seeds": np.array([it["item"][2] for it in good], dtype=np.uint64),
         "bad": [b for it in items for b in it["bad"]],
         "first": items[0]["item"],
     }

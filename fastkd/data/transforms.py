@@ -8,11 +8,17 @@ and its ``CenterCrop`` rounds half to even, which would shift the crop by a pixe
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
+import random
+import threading
+import warnings
 
 import numpy as np
 import torch
 from PIL import Image
+from PIL import ImageOps
 
 from fastkd.data.config import DataConfig
 
@@ -37,6 +43,89 @@ def center_crop_box(height: int, width: int, size: int) -> tuple[int, int, int, 
     return left, top, left + size, top + size
 
 
+_PIL_LIMIT_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def pil_size_limit_lifted():
+    """PIL's own decompression-bomb limit off for the block (it also guards ``crop`` and ``resize``):
+    ``DataConfig.max_image_pixels``, which both backends apply in :func:`open_image`, replaces it."""
+    with _PIL_LIMIT_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """The encoded image ``data`` opened lazily by PIL (header read, pixels not yet decoded).
+
+    PIL's own decompression-bomb limit is replaced by ``max_pixels`` (``DataConfig.max_image_pixels``;
+    0 = none), which both backends apply, so that they accept the same files; a larger image raises
+    ``ValueError`` naming the field.
+    """
+    with pil_size_limit_lifted():
+        img = Image.open(io.BytesIO(data))
+    if max_pixels and img.width * img.height > max_pixels:
+        pixels = img.width * img.height
+        img.close()
+        raise ValueError(
+            f"image of {img.width}x{img.height} = {pixels} pixels exceeds DataConfig.max_image_pixels={max_pixels}"
+        )
+    return img
+
+
+def decode_rgb(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode to RGB with the EXIF orientation applied (as DALI's decoders do)."""
+    with open_image(data, max_pixels) as img:
+        rgb = img.convert("RGB")  # keeps the EXIF block in ``info``
+    ImageOps.exif_transpose(rgb, in_place=True)
+    return rgb
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | None = None):
+    """Seed torch's CPU generator (and the generator of ``device`` when it is a CUDA device), NumPy's
+    and Python's global generators with ``seed`` (a sample's own seed) for the block, and give them
+    back untouched afterwards. timm's RandAugment and RandomErasing draw from ``random`` and
+    ``np.random`` (RandomErasing's noise from torch on its device), torchvision from torch."""
+    cuda = device is not None and device.type == "cuda"
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed & 0xFFFFFFFF)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def timm_rand_augment_config(cfg: DataConfig) -> str:
+    """timm's RandAugment config string of ``cfg`` (DeiT: ``rand-n2-m9-mstd0.5-inc1``)."""
+    return (
+        f"rand-n{cfg.randaugment}-m{cfg.randaugment_magnitude:g}-mstd{cfg.randaugment_mstd:g}"
+        f"-inc{int(cfg.randaugment_increasing)}"
+    )
+
+
+def timm_rand_augment_hparams(cfg: DataConfig) -> dict:
+    """The hparams timm's ``create_transform`` gives RandAugment: translate limit, fill colour, resampling."""
+    from timm.data.transforms import str_to_pil_interp
+
+    return {
+        "translate_const": int(cfg.img_size * 0.45),
+        "img_mean": tuple(round(255 * m) for m in cfg.mean),
+        "interpolation": str_to_pil_interp(cfg.interpolation),
+    }
+
+
 def to_chw_uint8(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
@@ -56,7 +145,8 @@ class ValTransform:
 
 
 class TrainTransform:
-    """Random-resized-crop, horizontal flip, optional RandAugment; uint8 CHW tensor out."""
+    """Random-resized-crop, horizontal flip, optional RandAugment (timm's own transform, as timm's
+    ``create_transform`` builds it); uint8 CHW tensor out. Run it inside :func:`seeded`."""
 
     def __init__(self, cfg: DataConfig) -> None:
         from torchvision import transforms as T
@@ -69,15 +159,9 @@ class TrainTransform:
         if cfg.hflip > 0:
             steps.append(T.RandomHorizontalFlip(cfg.hflip))
         if cfg.randaugment > 0:
-            steps.append(
-                T.RandAugment(
-                    num_ops=cfg.randaugment,
-                    magnitude=cfg.randaugment_magnitude,
-                    num_magnitude_bins=31,
-                    interpolation=interp,
-                    fill=[128, 128, 128],
-                )
-            )
+            from timm.data.auto_augment import rand_augment_transform
+
+            steps.append(rand_augment_transform(timm_rand_augment_config(cfg), timm_rand_augment_hparams(cfg)))
         self.transform = T.Compose(steps)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:

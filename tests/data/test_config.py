@@ -50,7 +50,7 @@ def test_every_field_is_documented():
         ("mean", (0.5, 0.5), "3 values"),
         ("shard_policy", "wrap", "must be one of"),
         ("corrupt", "ignore", "must be one of"),
-        ("randaugment_magnitude", 31, r"\[0, 30\]"),
+        ("randaugment_magnitude", 11, r"\[0, 10\]"),
         ("num_views", 0, "positive integer"),
     ],
 )

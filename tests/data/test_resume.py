@@ -17,8 +17,9 @@ RESUME_AFTER = (1, 5, 7, 10)
 TOTAL = 14
 
 VARIANTS = {
-    "randaugment+mixup": dict(randaugment=2, randaugment_magnitude=12, mixup=0.8, cutmix=1.0, mixup_switch_prob=0.5),
-    "randaugment+views": dict(randaugment=1, randaugment_magnitude=12, num_views=2),
+    "randaugment+mixup": dict(randaugment=2, randaugment_magnitude=9, mixup=0.8, cutmix=1.0, mixup_switch_prob=0.5),
+    "randaugment+views": dict(randaugment=1, randaugment_magnitude=9, num_views=2),
+    "erasing+repeats+mixup": dict(random_erasing=0.5, repeated_augmentation=3, mixup=0.8, cutmix=1.0),
 }
 
 
