@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # command -> (module, one-line help). Keep sorted by how often users need them.
@@ -61,7 +62,42 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"fastkd {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug() or not expected_error(exc):
+            raise
+        print(f"fastkd {args.command}: {one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def debug() -> bool:
+    """``FASTKD_DEBUG=1``: show the traceback of every error (and run the debug checks of the ops)."""
+    return os.environ.get("FASTKD_DEBUG", "") not in ("", "0")
+
+
+def expected_error(exc: BaseException) -> bool:
+    """Errors that come from the user's input or machine rather than from a bug in fastkd: a bad value
+    (``ValueError``: ConfigError, CheckpointError, ...), a file or disk problem (``OSError``), an unreadable
+    image under ``data.corrupt=error``, a rank that stopped answering, a missing optional dependency."""
+    from fastkd.data.loader import CorruptImageError
+    from fastkd.distributed import RankTimeoutError
+
+    if isinstance(exc, ImportError):
+        return "pip install" in str(exc)
+    return isinstance(exc, (ValueError, OSError, CorruptImageError, RankTimeoutError))
+
+
+def one_line(exc: BaseException) -> str:
+    """The error's message on one line (an OSError names its file)."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        text = f"{exc.filename}: {exc.strerror}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":
