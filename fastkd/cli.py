@@ -97,6 +97,8 @@ def one_line(exc: BaseException) -> str:
         text = f"{exc.filename}: {exc.strerror}"
     else:
         text = str(exc) or type(exc).__name__
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: its last line is the error itself
+        text = next(line for line in reversed(text.splitlines()) if line.strip())
     return " ".join(text.split())
 
 

@@ -110,11 +110,12 @@ def load_student_checkpoint(engine, run_dir: str | os.PathLike, tag: Any, *, tru
                 with torch.serialization.safe_globals(allowed):
                     return torch.load(path, map_location=map_location, weights_only=True)
             except Exception as exc:
-                detail = str(exc).strip().splitlines()
+                lines = str(exc).strip().splitlines() or [type(exc).__name__]
+                detail = next((line.strip() for line in lines if "Unsupported" in line), lines[0])
                 raise CheckpointError(
                     f"DeepSpeed checkpoint file {path} holds more than tensors and plain data, so it was not "
                     "loaded (it could run code). If you trust it, pass --trust-checkpoint (run.trust_checkpoint=true)."
-                    f" Detail: {next((line.strip() for line in detail if 'Unsupported' in line), detail[0] if detail else '')}"
+                    f" Detail: {detail}"
                 ) from exc
 
         engine.checkpoint_engine.load = safe_load
@@ -196,4 +197,11 @@ def partition_numel(module: nn.Module) -> tuple[int, int]:
     return local, full
 
 
-__all__ = ["is_partitioned", "load_student_checkpoint", "partition_numel", "student_config", "wrap_student", "wrap_teacher_zero3"]
+__all__ = [
+    "is_partitioned",
+    "load_student_checkpoint",
+    "partition_numel",
+    "student_config",
+    "wrap_student",
+    "wrap_teacher_zero3",
+]

@@ -72,8 +72,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load(args):
     overrides = list(args.overrides)
-    if getattr(args, "resume", None):
-        overrides.append(f"run.resume={args.resume}")
+    resume = getattr(args, "resume", None)
+    if resume and "=" in resume and not os.path.exists(resume):  # "--resume a.b=1": an override, not a file
+        overrides.append(resume)
+        resume = "auto"
+    if resume:
+        overrides.append(f"run.resume={resume}")
     if getattr(args, "trust_checkpoint", False):
         overrides.append("run.trust_checkpoint=true")
     return load_config(args.config, overrides)
