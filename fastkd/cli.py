@@ -7,13 +7,16 @@ holds ``data``), or the area's single module when the command is all there is to
 ``fastkd/info.py``, ``fastkd/demo.py``). A command module imports optional backends (DALI, DeepSpeed,
 xformers) inside ``run_<command>``, never at import time: one that fails to import is an error, not a
 missing command.
+
+Errors: :func:`main` turns every expected error (:func:`expected_error`: bad values, missing or damaged files,
+a full disk, a rank that stopped answering, ...) into one line ``fastkd <command>: <message>`` and exit code 2;
+other exceptions are bugs and keep their traceback, and ``FASTKD_DEBUG=1`` keeps it for every error.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 # command -> (module, one-line help). Keep sorted by how often users need them.
@@ -68,15 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastkd {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        if debug() or not expected_error(exc):
+        from fastkd._validate import debug_enabled  # FASTKD_DEBUG=1: every error keeps its traceback
+
+        if debug_enabled() or not expected_error(exc):
             raise
         print(f"fastkd {args.command}: {one_line(exc)}", file=sys.stderr)
         return 2
-
-
-def debug() -> bool:
-    """``FASTKD_DEBUG=1``: show the traceback of every error (and run the debug checks of the ops)."""
-    return os.environ.get("FASTKD_DEBUG", "") not in ("", "0")
 
 
 def expected_error(exc: BaseException) -> bool:
