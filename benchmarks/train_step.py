@@ -257,7 +257,8 @@ def measure(variant: str, *, models: dict, batch: int, img_size: int, data: str,
     if isinstance(method, str):
         return {"status": "skipped", "note": method}
     cfg = from_dict({
-        "run": {"name": f"{variant}_{batch}_{img_size}_{data}", "output_dir": str(workdir), "device": device.type},
+        "run": {"name": f"{variant}_{batch}_{img_size}_{data}", "output_dir": str(workdir), "device": device.type,
+                "overwrite": True},
         "method": {"name": "supervised"},
         "data": {"root": str(data_root or workdir), "img_size": img_size, "batch_size": batch, "num_workers":
                  min(8, os.cpu_count() or 1) if data == "loader" else 0, "backend": "auto", "num_classes": num_classes,

@@ -7,6 +7,10 @@ holds ``data``), or the area's single module when the command is all there is to
 ``fastkd/info.py``, ``fastkd/demo.py``). A command module imports optional backends (DALI, DeepSpeed,
 xformers) inside ``run_<command>``, never at import time: one that fails to import is an error, not a
 missing command.
+
+Errors: :func:`main` turns every expected error (:func:`expected_error`: bad values, missing or damaged files,
+a full disk, a rank that stopped answering, ...) into one line ``fastkd <command>: <message>`` and exit code 2;
+other exceptions are bugs and keep their traceback, and ``FASTKD_DEBUG=1`` keeps it for every error.
 """
 
 from __future__ import annotations
@@ -61,7 +65,41 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"fastkd {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        from fastkd._validate import debug_enabled  # FASTKD_DEBUG=1: every error keeps its traceback
+
+        if debug_enabled() or not expected_error(exc):
+            raise
+        print(f"fastkd {args.command}: {one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def expected_error(exc: BaseException) -> bool:
+    """Errors that come from the user's input or machine rather than from a bug in fastkd: a bad value
+    (``ValueError``: ConfigError, CheckpointError, ...), a file or disk problem (``OSError``), an unreadable
+    image under ``data.corrupt=error``, a rank that stopped answering, a missing optional dependency."""
+    from fastkd.data.loader import CorruptImageError
+    from fastkd.distributed import RankTimeoutError
+
+    if isinstance(exc, ImportError):
+        return "pip install" in str(exc)
+    return isinstance(exc, (ValueError, OSError, CorruptImageError, RankTimeoutError))
+
+
+def one_line(exc: BaseException) -> str:
+    """The error's message on one line (an OSError names its file)."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        text = f"{exc.filename}: {exc.strerror}"
+    else:
+        text = str(exc) or type(exc).__name__
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: its last line is the error itself
+        text = next(line for line in reversed(text.splitlines()) if line.strip())
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

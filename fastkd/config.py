@@ -41,6 +41,55 @@ class ConfigError(ValueError):
     """A recipe or override that does not fit the schema; the message names the key."""
 
 
+MAX_YAML_BYTES = 1 << 20  # a recipe is a few KB
+MAX_YAML_NODES = 100_000  # nodes after alias expansion ("billion laughs" stops here, before memory runs out)
+MAX_YAML_DEPTH = 64  # nesting of mappings/lists
+
+
+def safe_yaml(text: str, what: str) -> Any:
+    """``yaml.safe_load`` with bounds: at most :data:`MAX_YAML_BYTES`, :data:`MAX_YAML_DEPTH` levels and
+    :data:`MAX_YAML_NODES` nodes once aliases are expanded (aliases are counted before anything is built).
+    ``what`` names the input in errors."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{what}: {len(text)} characters, more than the {MAX_YAML_BYTES} a recipe may have")
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_yaml_size(node, what)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"{what}: nested deeper than {MAX_YAML_DEPTH} levels") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what}: not valid YAML: {' '.join(str(exc).split())}") from None
+    finally:
+        loader.dispose()
+
+
+def _check_yaml_size(root: yaml.Node, what: str) -> None:
+    expanded: dict[int, int] = {}  # id(node) -> nodes it expands to (an alias reuses its anchor's node)
+
+    def size(node: yaml.Node, depth: int) -> int:
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"{what}: nested deeper than {MAX_YAML_DEPTH} levels")
+        if id(node) in expanded:
+            return expanded[id(node)]
+        n = 1
+        if isinstance(node, yaml.SequenceNode):
+            n += sum(size(v, depth + 1) for v in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            n += sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
+        if n > MAX_YAML_NODES:
+            raise ConfigError(
+                f"{what}: expands to more than {MAX_YAML_NODES} values (nested aliases?); a recipe is far smaller"
+            )
+        expanded[id(node)] = n
+        return n
+
+    size(root, 0)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # sections
 
@@ -54,6 +103,8 @@ class RunConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     resume: str | None = None  # checkpoint file, or "auto" = latest checkpoint in the run folder
+    overwrite: bool = False  # a fresh run may replace the checkpoints of an earlier run in the same folder
+    trust_checkpoint: bool = False  # allow pickled (code-running) weights and DeepSpeed files; trusted files only
 
 
 @dataclass
@@ -135,6 +186,7 @@ class DistributedConfig:
     teacher_placement: Literal["replicate", "zero3"] = "replicate"  # zero3: DeepSpeed stage-3 engine, no optimizer
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
     find_unused_parameters: bool = False  # DDP: needed when a method leaves some trainable extras unused
+    timeout: float = 300.0  # seconds a collective waits for the other ranks before the run stops naming them
 
 
 @dataclass
@@ -312,10 +364,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from exc
+    value = safe_yaml(raw, f"override {key}") if raw.strip() != "" else ""
     return key.split("."), value
 
 
@@ -391,7 +440,47 @@ def from_dict(data: dict[str, Any] | None) -> Config:
         cfg.data.validate()
     except ValueError as exc:
         raise ConfigError(f"data: {exc}") from exc
+    check(cfg)
     return cfg
+
+
+MAX_SEED = 2**32 - 1 - 4096  # numpy seeds are 32-bit; each rank adds its rank (at most 4096 ranks)
+
+
+def check(cfg: Config) -> None:
+    """The value checks that the types alone do not express; the first failure raises a :class:`ConfigError`
+    naming the key and what it expects."""
+    t, r, d = cfg.train, cfg.run, cfg.distributed
+
+    def need(ok: bool, key: str, value: Any, expected: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}={value!r}: expected {expected}")
+
+    need(0 <= r.seed <= MAX_SEED, "run.seed", r.seed, f"an integer in [0, {MAX_SEED}]")
+    need(bool(r.name.strip()) and r.name not in (".", "..") and "/" not in r.name and "\\" not in r.name,
+         "run.name", r.name, "a folder name (no path separators)")
+    need(bool(r.output_dir.strip()), "run.output_dir", r.output_dir, "a folder")
+    need(t.epochs >= 1 or (t.steps is not None and t.epochs >= 0), "train.epochs", t.epochs,
+         "an integer >= 1 (or set train.steps)")
+    need(t.steps is None or t.steps >= 1, "train.steps", t.steps, "an integer >= 1, or null (train.epochs decides)")
+    need(t.batch_size is None or t.batch_size >= 1, "train.batch_size", t.batch_size,
+         "an integer >= 1, or null (data.batch_size decides)")
+    need(t.accum_steps >= 1, "train.accum_steps", t.accum_steps, "an integer >= 1")
+    need(t.log_every >= 1, "train.log_every", t.log_every, "an integer >= 1")
+    need(t.ckpt_every >= 0, "train.ckpt_every", t.ckpt_every, "an integer >= 0 (0: at the end of each epoch)")
+    need(t.eval_every >= 1, "train.eval_every", t.eval_every, "an integer >= 1")
+    need(t.clip_grad is None or t.clip_grad > 0, "train.clip_grad", t.clip_grad, "> 0, or null (no clipping)")
+    need(0.0 <= t.ema_decay < 1.0, "train.ema_decay", t.ema_decay, "a number in [0, 1)")
+    need(0.0 <= t.drop_path < 1.0, "train.drop_path", t.drop_path, "a number in [0, 1)")
+    need(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", t.label_smoothing, "a number in [0, 1)")
+    need(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "a number > 0")
+    need(cfg.optim.weight_decay >= 0, "optim.weight_decay", cfg.optim.weight_decay, "a number >= 0")
+    need(cfg.optim.lr_base_batch is None or cfg.optim.lr_base_batch >= 1, "optim.lr_base_batch",
+         cfg.optim.lr_base_batch, "an integer >= 1, or null (no scaling)")
+    need(cfg.schedule.warmup_epochs >= 0, "schedule.warmup_epochs", cfg.schedule.warmup_epochs, "a number >= 0")
+    need(cfg.schedule.warmup_steps is None or cfg.schedule.warmup_steps >= 0, "schedule.warmup_steps",
+         cfg.schedule.warmup_steps, "an integer >= 0, or null")
+    need(d.timeout > 0, "distributed.timeout", d.timeout, "seconds > 0")
 
 
 def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | tuple = ()) -> Config:
@@ -400,9 +489,12 @@ def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | 
     if recipe is not None:
         path = recipe_path(recipe)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--config {recipe}: not valid YAML: {exc}") from exc
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"--config {recipe}: not a text file (a YAML recipe is UTF-8 text)") from None
+        except OSError as exc:
+            raise ConfigError(f"--config {recipe}: cannot read it: {exc.strerror or exc}") from None
+        data = safe_yaml(text, f"--config {recipe}") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"--config {recipe}: a recipe must be a mapping, got {type(data).__name__}")
     cfg = from_dict(data)  # checks the recipe itself, so its errors name the recipe's keys
@@ -427,9 +519,11 @@ __all__ = [
     "ScheduleConfig",
     "TrainConfig",
     "apply_overrides",
+    "check",
     "from_dict",
     "load_config",
     "parse_override",
     "recipe_path",
     "replace",
+    "safe_yaml",
 ]

@@ -52,7 +52,7 @@ def _config(out: Path, name: str, method: str, model: dict, epochs: int, device:
             "scale": [0.6, 1.0], "ratio": [0.9, 1.1], "hflip": 0.0, "crop_pct": 1.0, "mean": [0.5, 0.5, 0.5],
             "std": [0.5, 0.5, 0.5], "seed": seed}
     cfg = {
-        "run": {"name": name, "output_dir": str(out / "runs"), "seed": seed, "device": device},
+        "run": {"name": name, "output_dir": str(out / "runs"), "seed": seed, "device": device, "overwrite": True},
         "student": {"name": "vit_tiny_patch16_224", "kwargs": dict(model)},
         "method": {"name": method, "params": params or {}},
         "data": data,

@@ -16,12 +16,22 @@ Placement (DESIGN.md §7):
 
 from __future__ import annotations
 
+import datetime
 import os
+import re
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+
+class RankTimeoutError(RuntimeError):
+    """A collective or the start-up waited ``distributed.timeout`` seconds for ranks that never answered."""
+
+
+_timeout_s: float = 300.0  # distributed.timeout of the current process group
 
 
 @dataclass
@@ -60,7 +70,7 @@ def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.devic
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("run.device=cuda but no CUDA device is visible (torch.cuda.is_available() is False)")
+        raise ValueError("run.device=cuda: no CUDA device is visible on this machine; use run.device=cpu or auto")
     index = local_rank % max(torch.cuda.device_count(), 1)
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
@@ -72,6 +82,7 @@ def setup(
     backend: str = "auto",
     local_rank: int | None = None,
     use_deepspeed: bool = False,
+    timeout: float = 300.0,
 ) -> DistInfo:
     """Initialise the process group when launched with several processes; single-process runs need none.
 
@@ -80,7 +91,10 @@ def setup(
         backend: ``auto`` (nccl on CUDA, gloo on CPU) | ``nccl`` | ``gloo`` (``distributed.backend``).
         local_rank: DeepSpeed's ``--local_rank`` argument; ``LOCAL_RANK`` in the environment wins.
         use_deepspeed: initialise through ``deepspeed.init_distributed`` (needed when DeepSpeed engines are used).
+        timeout: seconds the start-up and every collective wait for the other ranks (``distributed.timeout``);
+            then :class:`RankTimeoutError` (see :func:`explain_timeout`) instead of PyTorch's 30-minute default.
     """
+    global _timeout_s
     world = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local = _env_int("LOCAL_RANK", local_rank if local_rank is not None else 0)
@@ -100,8 +114,12 @@ def setup(
                 raise RuntimeError(
                     f"WORLD_SIZE={world} but MASTER_ADDR is unset: start with torchrun or the deepspeed launcher"
                 )
+            _timeout_s = float(timeout)
+            wait = datetime.timedelta(seconds=_timeout_s)
             if use_deepspeed:
-                import deepspeed
+                from fastkd.distributed.deepspeed import _import
+
+                deepspeed = _import()
 
                 if world == 1:  # a single process still needs a group for the engines
                     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -109,10 +127,22 @@ def setup(
                     os.environ.setdefault("RANK", "0")
                     os.environ.setdefault("WORLD_SIZE", "1")
                     os.environ.setdefault("LOCAL_RANK", "0")
-                deepspeed.init_distributed(dist_backend=backend, verbose=False)
+                init = lambda: deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=wait)  # noqa: E731
             else:
                 kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-                dist.init_process_group(backend=backend, **kwargs)
+                init = lambda: dist.init_process_group(backend=backend, timeout=wait, **kwargs)  # noqa: E731
+            try:
+                init()
+            except RuntimeError as exc:  # DistStoreError / DistNetworkError: the rendezvous timed out
+                if not _looks_like_timeout(exc):
+                    raise
+                joined = re.search(r"(\d+)/(\d+) clients joined", str(exc))
+                who = f" ({joined.group(1)} of {joined.group(2)} joined)" if joined else ""
+                raise RankTimeoutError(
+                    f"distributed.timeout={_timeout_s:g}s expired at start-up: not every one of the {world} ranks "
+                    f"reached the rendezvous at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+                    f"{who}; a rank never started or cannot reach it"
+                ) from exc
         info.backend = dist.get_backend()
         info.rank = dist.get_rank()
         info.world_size = dist.get_world_size()
@@ -125,6 +155,53 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _looks_like_timeout(exc: BaseException) -> bool:
+    return re.search(r"time[sd]? ?out|timeout|deadline", str(exc), re.IGNORECASE) is not None
+
+
+def explain_timeout(exc: BaseException, grace: float | None = None) -> RankTimeoutError | None:
+    """When ``exc`` is a collective that timed out, a :class:`RankTimeoutError` naming the ranks that did not
+    answer; None for any other error. Call it before the process group is destroyed.
+
+    Every rank that meets the timeout writes ``fastkd/timeout/<rank>`` into the process group's store and waits
+    up to ``grace`` seconds (default: ``min(distributed.timeout, 10)``) for the others: the ranks that never write
+    are the stalled or dead ones. A store that does not answer means its host (rank 0, or the launcher) is gone.
+    """
+    if isinstance(exc, RankTimeoutError):
+        return exc
+    if not (_looks_like_timeout(exc) and dist.is_available() and dist.is_initialized()):
+        return None
+    rank, world = rank_and_world()
+    grace = min(_timeout_s, 10.0) if grace is None else grace
+    prefix = f"distributed.timeout={_timeout_s:g}s expired on rank {rank} of {world}"
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        store = _get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=max(grace, 1.0)))
+        store.set(f"fastkd/timeout/{rank}", "1")
+        missing = list(range(world))
+        deadline = time.monotonic() + grace
+        while True:
+            missing = [r for r in missing if not store.check([f"fastkd/timeout/{r}"])]
+            if not missing or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+    except Exception:  # noqa: BLE001 - the store itself is unreachable
+        return RankTimeoutError(
+            f"{prefix}: the rendezvous store at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
+            "does not answer either: rank 0 (which hosts it) or the launcher stalled or died"
+        )
+    if not missing:
+        return RankTimeoutError(f"{prefix}: every rank is alive but a collective did not complete in time "
+                                "(a rank is much slower than the others, or raise distributed.timeout)")
+    names = ", ".join(map(str, missing))
+    return RankTimeoutError(
+        f"{prefix}: rank{'s' if len(missing) > 1 else ''} {names} did not answer (stalled, stopped or killed); "
+        "raise distributed.timeout if that rank is only slow"
+    )
 
 
 def cleanup() -> None:
@@ -220,6 +297,7 @@ def wrap_student_ddp(method: nn.Module, info: DistInfo, *, find_unused_parameter
 
 __all__ = [
     "DistInfo",
+    "RankTimeoutError",
     "all_gather_cat",
     "all_gather_object",
     "all_gather_with_grad",
@@ -227,6 +305,7 @@ __all__ = [
     "all_reduce_sum",
     "barrier",
     "cleanup",
+    "explain_timeout",
     "rank_and_world",
     "resolve_device",
     "setup",

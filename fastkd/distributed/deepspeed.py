@@ -11,6 +11,8 @@ forces bf16 on CPU, so teachers are built normally and partitioned by ``deepspee
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,6 +68,62 @@ def wrap_student(method: nn.Module, optimizer: torch.optim.Optimizer, config: di
     deepspeed = _import()
     engine, ds_opt, _, _ = deepspeed.initialize(model=method, optimizer=optimizer, config=config)
     return engine, ds_opt
+
+
+_TAG_RE = re.compile(r"step_\d{8}")
+
+
+def _safe_globals() -> list:
+    """The few DeepSpeed classes a ZeRO 0/1/2 checkpoint of fastkd's student pickles besides tensors and plain data
+    (checked on DeepSpeed 0.19): data holders, no code runs when they are rebuilt."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_student_checkpoint(engine, run_dir: str | os.PathLike, tag: Any, *, trust: bool = False) -> None:
+    """Restore the student engine from ``<run_dir>/deepspeed/<tag>`` without running pickled code.
+
+    DeepSpeed reads its files with ``torch.load(weights_only=False)``; here every file goes through
+    ``weights_only=True`` with only :func:`_safe_globals` allowed, so a crafted pickle is refused instead of run.
+    ``tag`` comes from the checkpoint: it must be a fastkd tag (``step_<8 digits>``) naming a folder inside the
+    run folder. ``trust=True`` (``--trust-checkpoint``) hands the files to DeepSpeed's own loader.
+    """
+    from fastkd.models.build import CheckpointError
+
+    root = Path(run_dir, "deepspeed").resolve()
+    if not isinstance(tag, str) or not _TAG_RE.fullmatch(tag):
+        raise CheckpointError(f"deepspeed_tag={tag!r} in the checkpoint is not a fastkd tag (step_<8 digits>)")
+    folder = (root / tag).resolve()
+    if folder.parent != root or not folder.is_dir():
+        raise CheckpointError(f"deepspeed_tag={tag!r}: no DeepSpeed checkpoint folder {root / tag} in the run folder")
+    if not trust:
+        import torch
+
+        allowed = _safe_globals()
+        unsafe_load = engine.checkpoint_engine.load
+
+        def safe_load(path, map_location=None):
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except Exception as exc:
+                lines = str(exc).strip().splitlines() or [type(exc).__name__]
+                detail = next((line.strip() for line in lines if "Unsupported" in line), lines[0])
+                raise CheckpointError(
+                    f"DeepSpeed checkpoint file {path} holds more than tensors and plain data, so it was not "
+                    "loaded (it could run code). If you trust it, pass --trust-checkpoint (run.trust_checkpoint=true)."
+                    f" Detail: {detail}"
+                ) from exc
+
+        engine.checkpoint_engine.load = safe_load
+    try:
+        engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+    finally:
+        if not trust:
+            engine.checkpoint_engine.load = unsafe_load
 
 
 def wrap_teacher_zero3(teacher: nn.Module, *, micro_batch: int, world_size: int, bf16: bool = False):
@@ -139,4 +197,11 @@ def partition_numel(module: nn.Module) -> tuple[int, int]:
     return local, full
 
 
-__all__ = ["is_partitioned", "partition_numel", "student_config", "wrap_student", "wrap_teacher_zero3"]
+__all__ = [
+    "is_partitioned",
+    "load_student_checkpoint",
+    "partition_numel",
+    "student_config",
+    "wrap_student",
+    "wrap_teacher_zero3",
+]

@@ -107,7 +107,8 @@ def build_student(cfg: Config, num_classes: int | None) -> nn.Module:
     if "num_classes" not in kwargs:
         kwargs["num_classes"] = num_classes
     try:
-        return build_model(cfg.student.name, weights=cfg.student.weights, **kwargs)
+        return build_model(cfg.student.name, weights=cfg.student.weights, trust_checkpoint=cfg.run.trust_checkpoint,
+                           **kwargs)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"student ({cfg.student.name}): {exc}") from exc
 
@@ -124,7 +125,7 @@ def build_teachers(cfg: Config, num_classes: int | None, data_cfg) -> list[nn.Mo
         if "num_classes" not in kwargs:
             kwargs["num_classes"] = num_classes
         try:
-            model = build_model(spec.name, weights=spec.weights, **kwargs)
+            model = build_model(spec.name, weights=spec.weights, trust_checkpoint=cfg.run.trust_checkpoint, **kwargs)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"teachers.{i} ({spec.name}): {exc}") from exc
         teachers.append(Teacher(model, input_mean=mean, input_std=std))

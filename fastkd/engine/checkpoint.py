@@ -35,10 +35,23 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # a full disk surfaces as either, depending on where the write fails
+        if isinstance(exc, RuntimeError) and not _is_write_error(exc):
+            raise
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())
+        raise CheckpointError(
+            f"could not write checkpoint {path} ({reason}); nothing was replaced: the checkpoints already in "
+            f"{path.parent} are intact"
+        ) from exc
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _is_write_error(exc: RuntimeError) -> bool:
+    text = str(exc).lower()
+    return any(w in text for w in ("write", "space", "quota", "errno"))
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -102,11 +115,128 @@ def last_path(run_dir: str | os.PathLike) -> Path:
 
 def latest(run_dir: str | os.PathLike) -> Path | None:
     """The newest checkpoint in a run folder (``last.pt`` when present), or None."""
-    last = last_path(run_dir)
-    if last.is_file():
-        return last
+    found = candidates(run_dir)
+    return found[0] if found else None
+
+
+def candidates(run_dir: str | os.PathLike) -> list[Path]:
+    """Every checkpoint of a run folder, newest first: ``last.pt``, then the step files by step."""
     steps = sorted(Path(run_dir, "ckpt").glob("step_*.pt"), key=lambda p: int(_STEP_RE.search(p.name).group(1)))
-    return steps[-1] if steps else None
+    last = last_path(run_dir)
+    return ([last] if last.is_file() else []) + steps[::-1]
+
+
+def load_latest_good(run_dir: str | os.PathLike, warn=None) -> tuple[Path, dict[str, Any]] | None:
+    """``run.resume=auto``: the newest checkpoint of the run folder that loads (a damaged ``last.pt`` falls back
+    to the newest good step file; ``warn(message)`` is told about each file skipped), or None when there is none.
+    Raises the first file's error when every file is damaged."""
+    errors = []
+    for path in candidates(run_dir):
+        try:
+            return path, load(path)
+        except CheckpointError as exc:
+            errors.append(exc)
+            if warn is not None:
+                warn(f"run.resume=auto: skipping damaged checkpoint {path}: {' '.join(str(exc).split())[:300]}")
+    if errors:
+        raise CheckpointError(f"run.resume=auto: every checkpoint in {Path(run_dir, 'ckpt')} is damaged: {errors[0]}")
+    return None
+
+
+_TMP_RE = re.compile(r"^\..+\.tmp(\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_temporary(run_dir: str | os.PathLike) -> list[Path]:
+    """Remove the partial ``.<name>.tmp<pid>`` files that a killed process left in ``<run_dir>/ckpt`` (those
+    of processes still alive are kept). Returns the files removed."""
+    removed = []
+    folder = Path(run_dir, "ckpt")
+    for p in folder.glob(".*.tmp*") if folder.is_dir() else ():
+        m = _TMP_RE.match(p.name)
+        if m and not _alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    link = folder / ".last.pt.link"
+    if link.is_file():
+        link.unlink(missing_ok=True)
+        removed.append(link)
+    return removed
+
+
+def prepare_run_dir(run_dir: str | os.PathLike, *, resume: str | None, overwrite: bool, main: bool) -> None:
+    """Check that a run may use ``run_dir`` and make it (``main``: the rank that writes).
+
+    A fresh run (no ``run.resume``) in a folder that holds another run's checkpoints is refused unless
+    ``run.overwrite`` is set; with it, those checkpoints (and DeepSpeed's files) are removed first, so the folder
+    never mixes two runs. Partial files of killed processes are removed.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"run folder {run_dir} (run.output_dir/run.name) is a file, not a folder")
+    old = candidates(run_dir) if run_dir.is_dir() else []
+    if old and not resume and not overwrite:
+        raise CheckpointError(
+            f"run folder {run_dir} already holds checkpoints ({old[0].name}, ...): continue that run with --resume, "
+            "choose a new run.name, or pass run.overwrite=true to replace it"
+        )
+    if not main:
+        return
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot create the run folder {run_dir} (run.output_dir/run.name): {exc.strerror or exc}"
+        ) from None
+    if old and not resume:  # overwrite
+        import shutil
+
+        for p in Path(run_dir, "ckpt").glob("*.pt"):
+            p.unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "deepspeed", ignore_errors=True)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    clean_temporary(run_dir)
+
+
+# config keys that may change when a run is resumed: where/how it runs and how often it logs, saves and evaluates;
+# every other key shapes the trained weights, so a difference is reported instead of resuming into a mixed run
+RESUME_FREE = (
+    "run.resume", "run.overwrite", "run.trust_checkpoint", "run.device", "run.output_dir", "run.name",
+    "train.epochs", "train.steps", "train.progress", "train.log_every", "train.ckpt_every", "train.keep_ckpts",
+    "train.eval", "train.eval_every", "data.num_workers", "data.device", "distributed.timeout",
+    "distributed.backend",
+)
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out if out or not prefix else {prefix: {}}
+    return {prefix: tree}
+
+
+def config_changes(saved: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
+    """``key: saved -> current`` for each config value that differs between a checkpoint and this run (keys in
+    :data:`RESUME_FREE` aside)."""
+    if not saved:
+        return []
+    a, b = _flat(saved), _flat(current)
+    free = lambda k: any(k == f or k.startswith(f + ".") for f in RESUME_FREE)  # noqa: E731
+    return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
+            for k in sorted(set(a) | set(b)) if not free(k) and a.get(k) != b.get(k)]
 
 
 def prune(run_dir: str | os.PathLike, keep: int) -> None:
@@ -120,10 +250,16 @@ def prune(run_dir: str | os.PathLike, keep: int) -> None:
 
 __all__ = [
     "CheckpointError",
+    "RESUME_FREE",
     "atomic_save",
+    "candidates",
+    "clean_temporary",
+    "config_changes",
     "last_path",
     "latest",
     "load",
+    "load_latest_good",
+    "prepare_run_dir",
     "prune",
     "rng_state",
     "set_rng_state",

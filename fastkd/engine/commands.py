@@ -15,7 +15,6 @@ import argparse
 import os
 import sys
 
-from fastkd.config import ConfigError
 from fastkd.config import load_config
 
 
@@ -47,6 +46,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="override any recipe field by its dotted path, e.g. train.epochs=3 optim.lr=1e-3 "
              "teachers.0.weights=t.safetensors method.params.temperature=2 (values are parsed as YAML)",
     )
+    parser.add_argument(
+        "--trust-checkpoint", action="store_true",
+        help="allow weights files and DeepSpeed checkpoints that hold pickled objects (they can run code when "
+             "loaded): only for files you trust (same as run.trust_checkpoint=true)",
+    )
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,36 +72,56 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load(args):
     overrides = list(args.overrides)
-    if getattr(args, "resume", None):
-        overrides.append(f"run.resume={args.resume}")
+    resume = getattr(args, "resume", None)
+    if resume and "=" in resume and not os.path.exists(resume):  # "--resume a.b=1": an override, not a file
+        overrides.append(resume)
+        resume = "auto"
+    if resume:
+        overrides.append(f"run.resume={resume}")
+    if getattr(args, "trust_checkpoint", False):
+        overrides.append("run.trust_checkpoint=true")
     return load_config(args.config, overrides)
+
+
+def _distributed_errors():
+    """A collective that timed out becomes :class:`~fastkd.distributed.RankTimeoutError` naming the missing ranks
+    (while the process group still exists); any other error passes unchanged. Expected errors (bad config,
+    damaged checkpoint, missing files, ...) are turned into one line by :func:`fastkd.cli.main`."""
+    import contextlib
+
+    from fastkd.distributed import explain_timeout
+
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except RuntimeError as exc:
+            timeout = explain_timeout(exc)
+            if timeout is None or timeout is exc:
+                raise
+            raise timeout from exc
+
+    return guard()
 
 
 def run_train(args) -> int:
     from fastkd.distributed import cleanup
 
-    try:
-        cfg = _load(args)
-    except ConfigError as exc:
-        print(f"fastkd train: {exc}", file=sys.stderr)
-        return 2
+    cfg = _load(args)
     if getattr(args, "print_config", False):
         import yaml
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
-    from fastkd.engine.checkpoint import CheckpointError
     from fastkd.engine.trainer import NonFiniteLossError
     from fastkd.engine.trainer import Trainer
 
     trainer = None
     try:
-        trainer = Trainer(cfg, local_rank=getattr(args, "local_rank", None))
-        trainer.train()
+        with _distributed_errors():
+            trainer = Trainer(cfg, local_rank=getattr(args, "local_rank", None))
+            trainer.train()
         return 0
-    except (ConfigError, CheckpointError) as exc:
-        print(f"fastkd train: {exc}", file=sys.stderr)
-        return 2
     except NonFiniteLossError as exc:
         print(f"fastkd train: {exc}", file=sys.stderr)
         return 3
@@ -112,24 +136,17 @@ def run_eval(args) -> int:
     from fastkd.engine import checkpoint as ckpt
     from fastkd.engine.logging import format_table
 
-    try:
-        cfg = _load(args)
-    except ConfigError as exc:
-        print(f"fastkd eval: {exc}", file=sys.stderr)
-        return 2
+    cfg = _load(args)
     if not os.path.isfile(args.checkpoint):
-        print(f"fastkd eval: --checkpoint {args.checkpoint}: no such file", file=sys.stderr)
-        return 2
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file")
     from fastkd.engine.evaluate import Evaluator
 
     try:
-        ev = Evaluator(cfg, local_rank=getattr(args, "local_rank", None))
-        state = ckpt.load(args.checkpoint)
-        ev.load_weights(state, ema=args.ema)
-        res = ev.evaluate()
-    except (ConfigError, ValueError) as exc:
-        print(f"fastkd eval: {exc}", file=sys.stderr)
-        return 2
+        with _distributed_errors():
+            ev = Evaluator(cfg, local_rank=getattr(args, "local_rank", None))
+            state = ckpt.load(args.checkpoint)
+            ev.load_weights(state, ema=args.ema)
+            res = ev.evaluate()
     finally:
         cleanup()
     if ev.info.is_main:

@@ -175,7 +175,8 @@ class Evaluator:
     def __init__(self, cfg: Config, *, local_rank: int | None = None, method=None, val_loader=None,
                  bank_loader=None):
         self.cfg = cfg
-        self.info = setup_distributed(device=cfg.run.device, backend=cfg.distributed.backend, local_rank=local_rank)
+        self.info = setup_distributed(device=cfg.run.device, backend=cfg.distributed.backend, local_rank=local_rank,
+                                      timeout=cfg.distributed.timeout)
         self.device = self.info.device
         self.amp_dtype = builders.amp_dtype(cfg, self.device)
         data_cfg = builders.data_config(cfg, self.device)

@@ -22,6 +22,20 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+def corrupt_totals(loaders: dict[str, Any]) -> dict[str, int]:
+    """Corrupt files met so far per split, over all ranks (the union of the ranks' file names): ``{split: count}``
+    for each loader that keeps the record (``loader.corrupt_summary()``). Collective when several ranks run."""
+    from fastkd.distributed import all_gather_object
+
+    mine = {split: sorted(loader.corrupt_summary()["files"]) for split, loader in loaders.items()
+            if loader is not None and callable(getattr(loader, "corrupt_summary", None))}
+    totals: dict[str, set[str]] = {}
+    for per_rank in all_gather_object(mine):
+        for split, files in per_rank.items():
+            totals.setdefault(split, set()).update(files)
+    return {split: len(files) for split, files in sorted(totals.items())}
+
+
 class MetricLogger:
     """Writes one JSON object per line to ``<run_dir>/metrics.jsonl`` (rank 0 only) and mirrors scalars to
     TensorBoard (``<run_dir>/tb``) when ``torch.utils.tensorboard`` can be imported."""

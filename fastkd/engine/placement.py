@@ -71,13 +71,15 @@ class DeepSpeedStudent:
     kind = "deepspeed"
 
     def __init__(self, method, optimizer: torch.optim.Optimizer, info: DistInfo, *, micro_batch: int,
-                 accum_steps: int, zero_stage: int, clip_grad: float | None, bf16: bool):
+                 accum_steps: int, zero_stage: int, clip_grad: float | None, bf16: bool,
+                 trust_checkpoint: bool = False):
         from fastkd.distributed import deepspeed as ds
 
         config = ds.student_config(micro_batch=micro_batch, accum_steps=accum_steps, world_size=info.world_size,
                                    zero_stage=zero_stage, clip_grad=clip_grad, bf16=bf16)
         self.engine, _ = ds.wrap_student(method, optimizer, config)
         self.zero_stage = zero_stage
+        self.trust_checkpoint = trust_checkpoint
 
     def forward_backward(self, batch: dict[str, Any], *, last: bool, autocast) -> dict[str, torch.Tensor]:
         with autocast:
@@ -108,8 +110,9 @@ class DeepSpeedStudent:
             raise CheckpointError(
                 f"run.resume={checkpoint}: saved without a DeepSpeed student; its optimizer state is not DeepSpeed's"
             )
-        self.engine.load_checkpoint(str(checkpoint.parent.parent / "deepspeed"), tag=tag,
-                                    load_optimizer_states=True, load_lr_scheduler_states=False)
+        from fastkd.distributed import deepspeed as ds
+
+        ds.load_student_checkpoint(self.engine, checkpoint.parent.parent, tag, trust=self.trust_checkpoint)
 
 
 def place_student(cfg, method, optimizer: torch.optim.Optimizer, info: DistInfo, *, micro_batch: int,
@@ -118,7 +121,8 @@ def place_student(cfg, method, optimizer: torch.optim.Optimizer, info: DistInfo,
     d, t = cfg.distributed, cfg.train
     if d.student == "deepspeed":
         return DeepSpeedStudent(method, optimizer, info, micro_batch=micro_batch, accum_steps=t.accum_steps,
-                                zero_stage=d.zero_stage, clip_grad=t.clip_grad, bf16=bf16)
+                                zero_stage=d.zero_stage, clip_grad=t.clip_grad, bf16=bf16,
+                                trust_checkpoint=cfg.run.trust_checkpoint)
     if d.zero_stage != 0:
         raise ConfigError(
             f"distributed.zero_stage={d.zero_stage} needs distributed.student=deepspeed (DDP has no ZeRO)"

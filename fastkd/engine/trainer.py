@@ -39,6 +39,7 @@ from fastkd.engine import builders
 from fastkd.engine import checkpoint as ckpt
 from fastkd.engine.evaluate import evaluate_method
 from fastkd.engine.logging import MetricLogger
+from fastkd.engine.logging import corrupt_totals
 from fastkd.engine.logging import format_table
 from fastkd.engine.logging import peak_memory_mb
 from fastkd.engine.logging import progress_bar
@@ -105,22 +106,16 @@ class Trainer:
         self.cfg = cfg
         t = cfg.train
         d = cfg.distributed
-        if t.accum_steps < 1:
-            raise ConfigError(f"train.accum_steps={t.accum_steps} must be >= 1")
-        if t.log_every < 1:
-            raise ConfigError(f"train.log_every={t.log_every} must be >= 1")
-        if t.clip_grad is not None and t.clip_grad <= 0:
-            raise ConfigError(f"train.clip_grad={t.clip_grad} must be > 0 (or null to turn clipping off)")
         needs_ds = d.student == "deepspeed" or d.teacher_placement == "zero3"
         self.info = info or setup_distributed(device=cfg.run.device, backend=d.backend, local_rank=local_rank,
-                                              use_deepspeed=needs_ds)
+                                              use_deepspeed=needs_ds, timeout=d.timeout)
         self.device = self.info.device
         self.is_main = self.info.is_main
         self.console = console and self.is_main
         seed_everything(cfg.run.seed + self.info.rank)
         self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        ckpt.prepare_run_dir(self.run_dir, resume=cfg.run.resume, overwrite=cfg.run.overwrite, main=self.is_main)
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.dump(self.run_dir / "config.yaml")
 
         # ---- precision
@@ -185,9 +180,9 @@ class Trainer:
 
         resume = cfg.run.resume
         if resume:
-            path = ckpt.latest(self.run_dir) if resume == "auto" else Path(resume)
-            if path is not None:
-                self.load_checkpoint(path)
+            found = ckpt.load_latest_good(self.run_dir, warn=self._warn) if resume == "auto" else (Path(resume), None)
+            if found is not None:
+                self.load_checkpoint(*found)
             elif self.console:
                 print(f"run.resume=auto: no checkpoint in {self.run_dir}/ckpt, starting fresh", file=sys.stderr)
 
@@ -447,20 +442,34 @@ class Trainer:
         barrier()
         return path
 
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Restore everything :meth:`save_checkpoint` wrote; training continues exactly where it stopped."""
+    def _warn(self, message: str) -> None:
+        if self.console:
+            print(message, file=sys.stderr, flush=True)
+
+    def load_checkpoint(self, path: str | os.PathLike, state: dict[str, Any] | None = None) -> None:
+        """Restore everything :meth:`save_checkpoint` wrote (``state``: the file's content, when already loaded);
+        training continues exactly where it stopped."""
         path = Path(path)
-        state = ckpt.load(path, map_location="cpu")
-        if state.get("format") != "fastkd-checkpoint/1":
+        if state is None:
+            state = ckpt.load(path, map_location="cpu")
+        if not isinstance(state, dict) or state.get("format") != "fastkd-checkpoint/1":
             raise ckpt.CheckpointError(f"run.resume={path}: not a fastkd training checkpoint (no format tag)")
+        changes = ckpt.config_changes(state.get("config"), self.cfg.to_dict())
+        if changes:
+            raise ckpt.CheckpointError(
+                f"run.resume={path}: the checkpoint comes from a different run configuration ({'; '.join(changes)});"
+                " resume with the same recipe and overrides, or start a new run.name"
+            )
         try:
             self.method.load_checkpoint_state(state)
-        except ckpt.CheckpointError as exc:
+            self.placement.load(state, path)
+            if state.get("loader") is not None and hasattr(self.train_loader, "load_state_dict"):
+                self.train_loader.load_state_dict(state["loader"])
+        except (ckpt.CheckpointError, ValueError) as exc:
+            if str(exc).startswith("run.resume="):
+                raise
             raise ckpt.CheckpointError(f"run.resume={path}: {exc}") from exc
-        self.placement.load(state, path)
         self.scheduler.load_state_dict(state["scheduler"])
-        if state.get("loader") is not None and hasattr(self.train_loader, "load_state_dict"):
-            self.train_loader.load_state_dict(state["loader"])
         rng = state.get("rng") or []
         if self.info.rank < len(rng):
             ckpt.set_rng_state(rng[self.info.rank])
@@ -489,6 +498,10 @@ class Trainer:
             "peak_mem_mb": peak_memory_mb(self.device),
         }
         out.update({k: v for k, v in self.last_eval.items() if not k.startswith("_")})
+        corrupt = corrupt_totals({"train": self.train_loader, "val": self.val_loader})
+        if corrupt:
+            out.update({f"corrupt_{split}": n for split, n in corrupt.items()})
+            self.logger.log({"kind": "corrupt", **corrupt}, self.step)
         if self.is_main:
             import json
 

@@ -199,7 +199,7 @@ def run_importance(args: argparse.Namespace) -> int:
     )
     for kind, table in result["scores"].items():
         if not all(math.isfinite(x) for row in table for x in row):
-            raise RuntimeError(f"non-finite {kind} scores; check the weights and the data")
+            raise ValueError(f"non-finite {kind} scores; check the weights and the data")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # column order: what a reader needs first

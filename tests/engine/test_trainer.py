@@ -73,8 +73,7 @@ def test_resume_at_epoch_boundary_is_exact(tmp_path):
     full.train()
     part = _trainer(_cfg(tmp_path, "split"))
     part.train(stop_at=5)  # exactly the end of epoch 0
-    resumed = _trainer(_cfg(tmp_path, "split"), seed=7)
-    resumed.load_checkpoint(tmp_path / "split" / "ckpt" / "last.pt")
+    resumed = _trainer(_cfg(tmp_path, "split", f"run.resume={tmp_path / 'split' / 'ckpt' / 'last.pt'}"), seed=7)
     assert resumed.step == 5 and resumed.step_in_epoch == 5  # the epoch's end (eval, rollover) is still to come
     resumed.train()
     for k, v in _params(full).items():
