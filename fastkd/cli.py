@@ -1,7 +1,8 @@
 """The ``fastkd`` command line: ``fastkd <command> [options]``.
 
 One convention for every command: :data:`COMMANDS` below names the module that implements it, and that module
-defines ``add_<command>_arguments(parser)`` and ``run_<command>(args) -> int``. The module is its area's
+defines ``add_<command>_arguments(parser)`` and ``run_<command>(args) -> int`` (a hyphen in the command's name
+is an underscore there: ``teacher-cache`` -> ``run_teacher_cache``). The module is its area's
 ``commands`` module (``fastkd/engine/commands.py`` holds ``train`` and ``eval``, ``fastkd/data/commands.py``
 holds ``data``), or the area's single module when the command is all there is to it (``fastkd/bench.py``,
 ``fastkd/info.py``, ``fastkd/demo.py``). A command module imports optional backends (DALI, DeepSpeed,
@@ -26,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("fastkd.data.commands", "prepare a small real data set (data prepare)"),
     "bench": ("fastkd.bench", "benchmarks: kernels | importance | data | train"),
     "info": ("fastkd.info", "versions, devices, and which kernel implementation each op uses"),
+    "teacher-cache": ("fastkd.cache.commands", "build a soft-label cache of a recipe's teachers (teacher-cache build)"),
 }
 
 
@@ -36,7 +38,8 @@ def _load(name: str):
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ImportError(f"fastkd {name}: its module {module_name} cannot be imported: {exc}") from exc
-    for attr in (f"add_{name}_arguments", f"run_{name}"):
+    ident = name.replace("-", "_")  # "teacher-cache" -> add_teacher_cache_arguments, run_teacher_cache
+    for attr in (f"add_{ident}_arguments", f"run_{ident}"):
         if not callable(getattr(module, attr, None)):
             raise AttributeError(f"fastkd {name}: module {module_name} defines no {attr}()")
     return module
@@ -49,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in COMMANDS.items():
         module = _load(name)
         p = sub.add_parser(name, help=help_text, description=help_text)
-        getattr(module, f"add_{name}_arguments")(p)
-        p.set_defaults(_run=getattr(module, f"run_{name}"))
+        ident = name.replace("-", "_")
+        getattr(module, f"add_{ident}_arguments")(p)
+        p.set_defaults(_run=getattr(module, f"run_{ident}"))
     return parser
 
 

@@ -145,10 +145,27 @@ class Trainer:
                 f"{t.accum_steps}"
             )
 
+        # ---- teacher cache (logit distillation without running the teachers: fastkd.cache)
+        if cfg.teacher_cache.dir:
+            from fastkd import cache
+
+            try:
+                cache.replay.check_method(method_cls)
+                store = cache.open_for_run(cfg, self.data_cfg, train_loader,
+                                           epochs_needed=cache.replay.epochs_for(self.total_steps, self.steps_per_epoch))
+            except cache.CacheError as exc:
+                raise ConfigError(str(exc)) from exc
+            self.train_loader = cache.CachedLoader(train_loader, store, wrap=cfg.teacher_cache.wrap)
+
         # ---- models and method
         if method is None:
             student = builders.build_student(cfg, self.num_classes)
-            teachers = builders.build_teachers(cfg, self.num_classes, self.data_cfg)
+            if cfg.teacher_cache.dir:
+                from fastkd.cache.replay import placeholder_teachers
+
+                teachers = placeholder_teachers(cfg)
+            else:
+                teachers = builders.build_teachers(cfg, self.num_classes, self.data_cfg)
             method = builders.build_method(cfg, student, teachers)
         self.method = method
         method.to(self.device)
