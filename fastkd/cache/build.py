@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastkd.cache.replay import tail_logit
 from fastkd.cache.replay import view_fingerprint
 from fastkd.cache.store import FORMAT
 from fastkd.cache.store import CacheError
@@ -170,6 +171,8 @@ def _record_block(cache: TeacherCache, loader, teachers, epoch: int, block: int,
             if cache.k < cache.num_classes:
                 values, classes = logits.topk(cache.k, dim=-1)
                 records["classes"][at] = classes.cpu().numpy()
+                records["tail"][at] = torch.stack([tail_logit(logits[:, t], classes[:, t])
+                                                   for t in range(logits.shape[1])], 1).cpu().numpy()
             else:
                 values = logits
             records["logits"][at] = values.float().cpu().numpy().astype(cache.dtype)

@@ -22,8 +22,6 @@ from fastkd.cache.store import first_difference
 from fastkd.cache.store import identity
 from fastkd.cache.store import layout_of
 
-# logit given to the classes a top-K cache left out: exp((FILL - max)/T) is 0 in fp32 for any T <= 100
-FILL = -1.0e4
 # |fingerprint difference| allowed between the recorded and the replayed view, in units of the normalised image:
 # the same view decoded by another JPEG decoder differs by a pixel level or so (1/255/std ~ 0.02) at a few pixels,
 # which moves a whole-image mean by far less; another crop, flip or mix moves it by much more
@@ -41,15 +39,28 @@ def view_fingerprint(images: torch.Tensor) -> torch.Tensor:
     return torch.stack([x.mean(dims), (x * gx).mean(dims), (x * gy).mean(dims)], dim=1).float().cpu()
 
 
-def dense_logits(values: torch.Tensor, classes: torch.Tensor | None, num_classes: int) -> torch.Tensor:
-    """``[B, C]`` logits from the cache's ``[B, K]`` values (and class ids when K < C): the left-out classes get
-    :data:`FILL`, so the teacher's softmax keeps the top-K classes renormalised (for any temperature the KD term
-    then sees the top-K distribution; the hard label ``argmax`` is exact for every K >= 1)."""
+def dense_logits(values: torch.Tensor, classes: torch.Tensor | None = None, num_classes: int = 0,
+                 tail: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, C]`` logits from the cache's ``[B, K]`` values; when K < C, ``classes`` (``[B, K]`` class ids) and
+    ``tail`` (``[B]``: the log-mean-exp of the left-out logits) give every left-out class the logit ``tail``.
+
+    What the KD terms then see (the documented top-K error): at temperature T = 1 the teacher's probabilities of
+    the K kept classes and its total mass on the others are exact, spread evenly over the others; so the KD
+    gradient w.r.t. the student's kept logits is exact and the error lies in how the left-out mass is shared. At
+    T != 1 the left-out mass is approximate too (the even split has a lower log-sum-exp at T > 1). The hard label
+    (``argmax``, DeiT's default) is exact for every K >= 1.
+    """
     values = values.float()
     if classes is None:
         return values
-    out = torch.full((values.shape[0], num_classes), FILL, dtype=torch.float32, device=values.device)
+    out = tail.float().view(-1, 1).expand(values.shape[0], num_classes).clone()
     return out.scatter_(1, classes.long(), values)
+
+
+def tail_logit(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """``[B]``: ``log(mean exp)`` of each row's logits outside ``classes`` (the kept top-K), computed in fp64."""
+    z = logits.double().scatter(1, classes.long(), float("-inf"))
+    return (torch.logsumexp(z, dim=1) - math.log(logits.shape[1] - classes.shape[1])).float()
 
 
 class CachedTeacher(nn.Module):
@@ -169,11 +180,13 @@ class CachedLoader:
                              f"the view differs from the recorded one (fingerprint off by {off[bad]:.3g}); crop, "
                              "flip, augmentation or mix do not replay")
         values = torch.from_numpy(np.ascontiguousarray(rec["logits"]))
-        classes = torch.from_numpy(np.ascontiguousarray(rec["classes"])) if "classes" in rec.dtype.names else None
+        topk = "classes" in rec.dtype.names
+        classes = torch.from_numpy(np.ascontiguousarray(rec["classes"])) if topk else None
+        tail = torch.from_numpy(np.ascontiguousarray(rec["tail"])) if topk else None
         device = images.device
         batch["teacher_logits"] = [
-            dense_logits(values[:, t].to(device), None if classes is None else classes[:, t].to(device),
-                         cache.num_classes)
+            dense_logits(values[:, t].to(device), classes[:, t].to(device), cache.num_classes, tail[:, t].to(device))
+            if topk else values[:, t].to(device)
             for t in range(cache.num_teachers)
         ]
         return batch
@@ -184,4 +197,4 @@ def epochs_for(total_steps: int, steps_per_epoch: int) -> int:
 
 
 __all__ = ["CachedLoader", "CachedTeacher", "check_method", "dense_logits", "epochs_for", "open_for_run",
-           "placeholder_teachers", "view_fingerprint"]
+           "placeholder_teachers", "tail_logit", "view_fingerprint"]

@@ -35,6 +35,9 @@ batch_size``; the last block may be shorter), one record per position:
                             checked against it, so a crop, flip or mix that differs is caught
     logits   dtype[T, K]    each teacher's K largest logits (all C in class order when K >= C)
     classes  int32[T, K]    their class ids (only when K < C)
+    tail     float32[T]     only when K < C: ``log(mean_j exp(z_j))`` over the C - K left-out classes ``j``; the
+                            reconstruction gives each of them this logit, so at T = 1 the kept classes' probabilities
+                            and the left-out mass are exact (:func:`fastkd.cache.replay.dense_logits`)
 
 Replay: the augmentation of a sample is a pure function of ``(data.seed, epoch, index)`` and Mixup/CutMix of
 ``(data.seed, epoch, batch position)`` (:mod:`fastkd.data.sharding`), so a loader with the same data section and
@@ -152,7 +155,7 @@ def first_difference(saved: Any, mine: Any, path: str = "") -> str | None:
 def record_dtype(num_teachers: int, k: int, num_classes: int, dtype: str) -> np.dtype:
     fields = [("index", np.int64), ("view", np.float32, (3,)), ("logits", np.dtype(dtype), (num_teachers, k))]
     if k < num_classes:
-        fields.append(("classes", np.int32, (num_teachers, k)))
+        fields += [("classes", np.int32, (num_teachers, k)), ("tail", np.float32, (num_teachers,))]
     return np.dtype(fields)
 
 
