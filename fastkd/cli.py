@@ -31,6 +31,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _functions(name: str) -> tuple[str, str]:
+    """``(add_<cmd>_arguments, run_<cmd>)`` of command ``name`` ("teacher-cache" -> ``run_teacher_cache``)."""
+    ident = name.replace("-", "_")
+    return f"add_{ident}_arguments", f"run_{ident}"
+
+
 def _load(name: str):
     """The module of command ``name``, checked to follow the convention; import errors propagate."""
     module_name = COMMANDS[name][0]
@@ -38,8 +44,7 @@ def _load(name: str):
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ImportError(f"fastkd {name}: its module {module_name} cannot be imported: {exc}") from exc
-    ident = name.replace("-", "_")  # "teacher-cache" -> add_teacher_cache_arguments, run_teacher_cache
-    for attr in (f"add_{ident}_arguments", f"run_{ident}"):
+    for attr in _functions(name):
         if not callable(getattr(module, attr, None)):
             raise AttributeError(f"fastkd {name}: module {module_name} defines no {attr}()")
     return module
@@ -52,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in COMMANDS.items():
         module = _load(name)
         p = sub.add_parser(name, help=help_text, description=help_text)
-        ident = name.replace("-", "_")
-        getattr(module, f"add_{ident}_arguments")(p)
-        p.set_defaults(_run=getattr(module, f"run_{ident}"))
+        add, run = _functions(name)
+        getattr(module, add)(p)
+        p.set_defaults(_run=getattr(module, run))
     return parser
 
 
