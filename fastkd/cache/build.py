@@ -1,5 +1,5 @@
-"""The teacher-cache builder (``fastkd teacher-cache build``, :mod:`fastkd.cache.commands`): run a recipe's teachers once over its augmented training epochs and store their
-logits (format: :mod:`fastkd.cache.store`).
+"""The teacher-cache builder (``fastkd teacher-cache build``, :mod:`fastkd.cache.commands`): run a recipe's
+teachers once over its augmented training epochs and store their logits (format: :mod:`fastkd.cache.store`).
 
 Examples::
 

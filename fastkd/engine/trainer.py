@@ -151,8 +151,8 @@ class Trainer:
 
             try:
                 cache.replay.check_method(method_cls)
-                store = cache.open_for_run(cfg, self.data_cfg, train_loader,
-                                           epochs_needed=cache.replay.epochs_for(self.total_steps, self.steps_per_epoch))
+                epochs = cache.replay.epochs_for(self.total_steps, self.steps_per_epoch)
+                store = cache.open_for_run(cfg, self.data_cfg, train_loader, epochs_needed=epochs)
             except cache.CacheError as exc:
                 raise ConfigError(str(exc)) from exc
             self.train_loader = cache.CachedLoader(train_loader, store, wrap=cfg.teacher_cache.wrap)
@@ -164,8 +164,9 @@ class Trainer:
                 from fastkd.cache.replay import placeholder_teachers
 
                 teachers = placeholder_teachers(cfg)
-            else:
-                teachers = builders.build_teachers(cfg, self.num_classes, self.data_cfg)
+            else:  # the run's later randomness (method extras, dropout) must not depend on building the teachers
+                with torch.random.fork_rng(devices=[]):
+                    teachers = builders.build_teachers(cfg, self.num_classes, self.data_cfg)
             method = builders.build_method(cfg, student, teachers)
         self.method = method
         method.to(self.device)

@@ -79,6 +79,22 @@ def test_cached_run_equals_online_run_and_resumes_mid_epoch(recipe, tmp_path, da
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=k)
 
 
+def test_two_cached_teachers_equal_online_coadvise(tmp_path, data):
+    """Co-advise's two logit teachers (a CNN and an involution network) both come from the cache."""
+    online = _train(_cfg("coadvise_tiny", tmp_path, data, "online", "train.steps=3", "train.epochs=1"))
+    cache_dir = tmp_path / "cache"
+    cache = build_cache(_cfg("coadvise_tiny", tmp_path, data, "build", "train.steps=3", "train.epochs=1"), cache_dir,
+                        topk=5, block_batches=BLOCK, progress=False)
+    assert cache.num_teachers == 2 and cache.epochs == 1
+    full = build_cache(_cfg("coadvise_tiny", tmp_path, data, "build", "train.steps=3", "train.epochs=1"),
+                       tmp_path / "full", block_batches=BLOCK, progress=False)
+    cached = _train(_cfg("coadvise_tiny", tmp_path, data, "cached", "train.steps=3", "train.epochs=1",
+                         f"teachers.cache={full.root}"))
+    assert [h["loss"] for h in cached.history] == [h["loss"] for h in online.history] and len(online.history) == 3
+    for k, v in _params(online).items():
+        torch.testing.assert_close(_params(cached)[k], v, rtol=0, atol=0, msg=k)
+
+
 def _online_teacher_logits(cfg):
     """The run's teacher and its logits of each training batch of epoch 0 (what the cache must hold)."""
     online = Trainer(cfg, console=False)
