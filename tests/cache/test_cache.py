@@ -246,3 +246,29 @@ def test_replayed_views_are_checked_against_the_record(tmp_path, data):
     with pytest.raises(CacheError, match="delivered sample"):
         loader.attach(dict(batch), 0, 16)  # another position of the epoch
     trainer.close()
+
+
+@pytest.mark.distributed
+def test_two_process_build_writes_each_shard_once_and_matches_one_process(tmp_path, data):
+    """torchrun with 2 processes: process p writes the shards of training rank p; the result is the 1-process
+    build of the same 2-rank layout, byte for byte."""
+    import socket
+    import sys
+
+    from tests.engine.helpers import run_cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+                "-m", "fastkd"]
+    common = [f"run.output_dir={tmp_path}", f"data.root={data}", "train.steps=3", "--epochs", "1", "--topk", "4",
+              "--block-batches", "1", "--no-progress"]
+    r = run_cli(["teacher-cache", "build", "--config", "hinton_tiny", "--out", str(tmp_path / "two"), *common],
+                cwd=tmp_path, launcher=launcher, timeout=280)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = build_cache(_cfg("hinton_tiny", tmp_path, data, "build"), tmp_path / "one", epochs=1, topk=4,
+                      world_size=2, block_batches=1, progress=False)
+    two = TeacherCache.open(tmp_path / "two")
+    assert two.manifest["complete"] and two.layout["world_size"] == 2
+    assert two.manifest["shards"] == one.manifest["shards"] and len(one.manifest["shards"]) == 4
