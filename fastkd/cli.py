@@ -1,7 +1,8 @@
 """The ``fastkd`` command line: ``fastkd <command> [options]``.
 
 One convention for every command: :data:`COMMANDS` below names the module that implements it, and that module
-defines ``add_<command>_arguments(parser)`` and ``run_<command>(args) -> int``. The module is its area's
+defines ``add_<command>_arguments(parser)`` and ``run_<command>(args) -> int`` (a hyphen in the command's name
+is an underscore there: ``teacher-cache`` -> ``run_teacher_cache``). The module is its area's
 ``commands`` module (``fastkd/engine/commands.py`` holds ``train`` and ``eval``, ``fastkd/data/commands.py``
 holds ``data``), or the area's single module when the command is all there is to it (``fastkd/bench.py``,
 ``fastkd/info.py``, ``fastkd/demo.py``). A command module imports optional backends (DALI, DeepSpeed,
@@ -30,7 +31,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("fastkd.data.commands", "prepare a small real data set (data prepare)"),
     "bench": ("fastkd.bench", "benchmarks: kernels | importance | data | train"),
     "info": ("fastkd.info", "versions, devices, and which kernel implementation each op uses"),
+    "teacher-cache": ("fastkd.cache.commands", "build a soft-label cache of a recipe's teachers (teacher-cache build)"),
 }
+
+
+def _functions(name: str) -> tuple[str, str]:
+    """``(add_<cmd>_arguments, run_<cmd>)`` of command ``name`` ("teacher-cache" -> ``run_teacher_cache``)."""
+    ident = name.replace("-", "_")
+    return f"add_{ident}_arguments", f"run_{ident}"
 
 
 def _load(name: str):
@@ -40,7 +48,7 @@ def _load(name: str):
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ImportError(f"fastkd {name}: its module {module_name} cannot be imported: {exc}") from exc
-    for attr in (f"add_{name}_arguments", f"run_{name}"):
+    for attr in _functions(name):
         if not callable(getattr(module, attr, None)):
             raise AttributeError(f"fastkd {name}: module {module_name} defines no {attr}()")
     return module
@@ -53,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in COMMANDS.items():
         module = _load(name)
         p = sub.add_parser(name, help=help_text, description=help_text)
-        getattr(module, f"add_{name}_arguments")(p)
-        p.set_defaults(_run=getattr(module, f"run_{name}"))
+        add, run = _functions(name)
+        getattr(module, add)(p)
+        p.set_defaults(_run=getattr(module, run))
     return parser
 
 

@@ -190,6 +190,16 @@ class DistributedConfig:
 
 
 @dataclass
+class TeacherCacheConfig:
+    """``teacher_cache``: train the logit-distillation terms from a cache built by ``fastkd teacher-cache build``
+    (the teachers are then not built). Set on the command line as ``teachers.cache=DIR`` and
+    ``teachers.cache_wrap=true`` (aliases of ``teacher_cache.dir`` and ``teacher_cache.wrap``)."""
+
+    dir: str | None = None
+    wrap: bool = False  # a run longer than the cache replays its epochs again (epoch e reads e mod E)
+
+
+@dataclass
 class Config:
     """A whole run. Top-level keys of a recipe."""
 
@@ -202,6 +212,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
@@ -365,7 +376,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: empty key")
     value = safe_yaml(raw, f"override {key}") if raw.strip() != "" else ""
-    return key.split("."), value
+    return _ALIASES.get(key, key).split("."), value
+
+
+# overrides that name a setting where users look for it rather than where it lives
+_ALIASES = {"teachers.cache": "teacher_cache.dir", "teachers.cache_wrap": "teacher_cache.wrap"}
 
 
 def _set_path(tree: Any, path: list[str], value: Any, full: str) -> None:
@@ -517,6 +532,7 @@ __all__ = [
     "OptimConfig",
     "RunConfig",
     "ScheduleConfig",
+    "TeacherCacheConfig",
     "TrainConfig",
     "apply_overrides",
     "check",

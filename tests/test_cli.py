@@ -52,7 +52,8 @@ def test_every_command_follows_the_convention():
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert set(sub.choices) == set(COMMANDS) == {"train", "eval", "importance", "bench", "info", "demo", "data"}
+    assert set(sub.choices) == set(COMMANDS) == {"train", "eval", "importance", "bench", "info", "demo", "data",
+                                                  "teacher-cache"}
 
 
 def test_a_command_whose_module_fails_to_import_is_an_error(monkeypatch):

@@ -140,10 +140,28 @@ class Trainer:
                 f"{t.accum_steps}"
             )
 
+        # ---- teacher cache (logit distillation without running the teachers: fastkd.cache)
+        if cfg.teacher_cache.dir:
+            from fastkd import cache
+
+            try:
+                cache.replay.check_method(method_cls)
+                epochs = cache.replay.epochs_for(self.total_steps, self.steps_per_epoch)
+                store = cache.open_for_run(cfg, self.data_cfg, train_loader, epochs_needed=epochs)
+            except cache.CacheError as exc:
+                raise ConfigError(str(exc)) from exc
+            self.train_loader = cache.CachedLoader(train_loader, store, wrap=cfg.teacher_cache.wrap)
+
         # ---- models and method
         if method is None:
             student = builders.build_student(cfg, self.num_classes)
-            teachers = builders.build_teachers(cfg, self.num_classes, self.data_cfg)
+            if cfg.teacher_cache.dir:
+                from fastkd.cache.replay import placeholder_teachers
+
+                teachers = placeholder_teachers(cfg)
+            else:  # the run's later randomness (method extras, dropout) must not depend on building the teachers
+                with torch.random.fork_rng(devices=[]):
+                    teachers = builders.build_teachers(cfg, self.num_classes, self.data_cfg)
             method = builders.build_method(cfg, student, teachers)
         self.method = method
         method.to(self.device)

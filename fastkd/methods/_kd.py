@@ -45,8 +45,14 @@ def as_logits(out: Any, who: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_logits(teacher: nn.Module, images: torch.Tensor, who: str = "teacher") -> torch.Tensor:
-    """Frozen teacher forward (no graph is built); logits upcast to at least fp32."""
+def teacher_logits(teacher: nn.Module, images: torch.Tensor, who: str = "teacher", *,
+                   batch: Mapping[str, Any] | None = None, i: int = 0) -> torch.Tensor:
+    """Frozen teacher forward (no graph is built); logits upcast to at least fp32. A batch from a teacher cache
+    (``teachers.cache``, :mod:`fastkd.cache`) carries ``batch["teacher_logits"][i]``: that is used and the
+    teacher does not run."""
+    cached = None if batch is None else batch.get("teacher_logits")
+    if cached is not None:
+        return cached[i]
     return upcast(as_logits(teacher(images), who))
 
 

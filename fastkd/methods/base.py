@@ -42,6 +42,9 @@ class Method(nn.Module):
 
     name: str = "base"
     self_supervised: bool = False
+    # True when the method uses its teachers only through ``_kd.teacher_logits``: it can train from a teacher
+    # cache (``teachers.cache``, fastkd.cache) without the teachers; methods with attention/feature terms refuse it
+    logit_teachers: bool = False
 
     def __init__(self, student: nn.Module, teachers: list[nn.Module] | tuple = ()):
         super().__init__()

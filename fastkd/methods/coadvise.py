@@ -179,6 +179,8 @@ class CoAdvise(Method):
     ``kd_conv = λ1·τ1²·KL``, ``kd_inv = λ2·τ2²·KL``; ``loss`` is their sum).
     """
 
+    logit_teachers = True  # the teacher gives logits only: teachers.cache can replace it
+
     def __init__(self, student: nn.Module, teachers=(), *, lambda_cls: float = 1.0, lambda_conv: float = 1.0,
                  lambda_inv: float = 1.0, tau_conv: float = 1.0, tau_inv: float = 1.0,
                  label_smoothing: float = 0.1, stem_channels: int = 64, group_channels: int = 16,
@@ -202,8 +204,9 @@ class CoAdvise(Method):
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         images = images_of(batch, "coadvise")
         z_cls, z_conv, z_inv = self.student.forward_heads(images)
-        z_c = teacher_logits(self.teachers[0], images, "the conv teacher (teachers[0])")
-        z_i = teacher_logits(self.teachers[1], images, "the involution teacher (teachers[1])")
+        z_c = teacher_logits(self.teachers[0], images, "the conv teacher (teachers[0])", batch=batch, i=0)
+        z_i = teacher_logits(self.teachers[1], images, "the involution teacher (teachers[1])", batch=batch,
+                             i=1)
         ce = self.lambda_cls * task_ce(z_cls, batch, self.label_smoothing)
         kd_conv = self.lambda_conv * kl_div_t(z_conv, z_c, self.tau_conv, "batchmean")
         kd_inv = self.lambda_inv * kl_div_t(z_inv, z_i, self.tau_inv, "batchmean")

@@ -79,6 +79,8 @@ class DeiTDistillation(Method):
     (``loss = ce + kd``).
     """
 
+    logit_teachers = True  # the teacher gives logits only: teachers.cache can replace it
+
     def __init__(self, student: nn.Module, teachers=(), *, distillation_type: str = "hard", alpha: float = 0.5,
                  temperature: float = 1.0, kd_reduction: str = "numel", label_smoothing: float = 0.1):
         super().__init__(student, teachers)
@@ -108,7 +110,7 @@ class DeiTDistillation(Method):
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         images = images_of(batch, "deit")
         z_cls, z_dist = self.heads(images)
-        z_t = teacher_logits(self.teachers[0], images)
+        z_t = teacher_logits(self.teachers[0], images, batch=batch)
         return deit_loss(z_cls, z_dist, z_t, batch, distillation_type=self.distillation_type, alpha=self.alpha,
                          temperature=self.temperature, kd_reduction=self.kd_reduction,
                          label_smoothing=self.label_smoothing)

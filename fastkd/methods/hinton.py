@@ -54,6 +54,8 @@ class HintonKD(Method):
     ``kd = α·T²·KL`` (``loss = ce + kd``).
     """
 
+    logit_teachers = True  # the teacher gives logits only: teachers.cache can replace it
+
     def __init__(self, student: nn.Module, teachers=(), *, temperature: float = 4.0, alpha: float = 0.5,
                  label_smoothing: float = 0.0):
         super().__init__(student, teachers)
@@ -66,7 +68,7 @@ class HintonKD(Method):
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         images = images_of(batch, "hinton")
         z_s = as_logits(self.student(images), "the student")
-        z_t = teacher_logits(self.teachers[0], images)
+        z_t = teacher_logits(self.teachers[0], images, batch=batch)
         return hinton_loss(z_s, z_t, batch, temperature=self.temperature, alpha=self.alpha,
                            label_smoothing=self.label_smoothing)
 
