@@ -203,7 +203,7 @@ class Sass:
 
 _INSTR = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;")
 _MMA = re.compile(r"\b(HGMMA|HMMA|UTCHMMA|UTCQMMA|UTCMMA)\.(\d+)x(\d+)x(\d+)")
-_MMA_SM80 = re.compile(r"\bHMMA\.(\d)(\d)(\d+)")
+_MMA_SM80 = re.compile(r"\bHMMA\.168(\d+)")  # HMMA.16816 / HMMA.1688: m16 n8 k16 / k8 per warp
 
 
 def _mma_flops(op: str) -> tuple[int, int]:
@@ -214,8 +214,8 @@ def _mma_flops(op: str) -> tuple[int, int]:
         per = 4 if kind == "HGMMA" else 1
         return 1, 2 * a * b * c // per
     m = _MMA_SM80.search(op)
-    if m:  # HMMA.16816: m16 n8 k16 per warp
-        return 1, 2 * 16 * 8 * int(m.group(3))
+    if m:
+        return 1, 2 * 16 * 8 * int(m.group(1))
     return 0, 0
 
 
@@ -247,6 +247,7 @@ def read_sass(cubin: bytes) -> Sass:
         m = re.search(r"BRA\s+`?\((\.L_x_\d+)\)", op)
         if m and labels.get(m.group(1), i + 1) < i:
             spans.append((labels[m.group(1)], i))
+    spans = [(lo, hi) for lo, hi in spans if sum(1 for i, _ in ops if lo < i <= hi) > 1]  # a lone BRA is a trap
     inner = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
     in_loop = set()
     loops = []
@@ -273,9 +274,9 @@ def blocks_per_sm(regs: int, shared: int, warps: int, hw: dict) -> int:
 # How each kernel walks its tiles: the dimension its loop streams over and whether the last, partial tile is
 # peeled out of the loop (then the loop runs over full tiles only, the tail is straight-line code).
 STREAMS = {
-    "_attention_kl_fwd_kernel": ("keys", False),
-    "_attention_kl_bwd_dq_kernel": ("keys", False),
-    "_attention_kl_bwd_dk_kernel": ("rows", False),
+    "_attention_kl_fwd_kernel": ("keys", True),
+    "_attention_kl_bwd_dq_kernel": ("keys", True),
+    "_attention_kl_bwd_dk_kernel": ("rows", True),
     "_head_importance_kernel": ("keys", False),
 }
 
@@ -345,9 +346,14 @@ def floor_and_design(B: int, H: int, N: int, d: int, elt: int, hw_name: str) -> 
     return fl, bound
 
 
+def is_tail(launch: Launch) -> bool:
+    """A launch for the remainder of the program dimension (narrow block), not the main grid."""
+    return bool(launch.constexprs.get("ROW_TAIL") or launch.constexprs.get("OWN_TAIL"))
+
+
 def _report_row(launch: Launch, sass: Sass, counts: dict, hw: dict, occ: int) -> dict:
     return {
-        "kernel": launch.name, "regs": sass.regs, "spill_bytes": sass.local_bytes, "spill_instr": sass.spill_instr,
+        "kernel": launch.name + (" (tail launch)" if is_tail(launch) else ""), "regs": sass.regs, "spill_bytes": sass.local_bytes, "spill_instr": sass.spill_instr,
         "shared_bytes": launch.kernel.metadata.shared, "blocks_per_sm": occ, "warps": counts["warps"],
         "block_m": counts["block_m"], "block_n": counts["block_n"],
         "loop_instr_per_tile": counts["loop_instr_per_tile"], "instr_per_elem": round(counts["instr_per_elem"], 3),
@@ -373,7 +379,7 @@ def model_attention_kl(hw_name: str, dtypes: list[str], shapes: dict = SHAPES, v
                 counts = analyse(launch, sass, N, N)
                 occ = blocks_per_sm(sass.regs, launch.kernel.metadata.shared, launch.num_warps, hw)
                 pred = predict(launch, counts, hw, B / 2, _attention_kl_bytes(launch.name, B, H, N, d, elt), occ)
-                row = {"kernel": launch.name, "N": N, "dtype": dtype, **_report_row(launch, sass, counts, hw, occ)}
+                row = {"N": N, "dtype": dtype, **_report_row(launch, sass, counts, hw, occ)}
                 ms = pred["s"] * 1e3
                 row.update({
                     "predicted_ms_fwd": round(ms, 5) if "fwd" in launch.name else "",
@@ -382,7 +388,7 @@ def model_attention_kl(hw_name: str, dtypes: list[str], shapes: dict = SHAPES, v
                     "predicted_limiter": pred["limiter"], "ctas": pred["ctas"], "waves": round(pred["waves"], 2),
                 })  # fmt: skip
                 rows.append(row)
-                ipe += counts["instr_per_elem"]
+                ipe += 0.0 if is_tail(launch) else counts["instr_per_elem"]
                 if "fwd" in launch.name:
                     fwd, fwd_b = fwd + pred["s"], fwd_b + pred["bound_s"]
                 else:
@@ -390,7 +396,7 @@ def model_attention_kl(hw_name: str, dtypes: list[str], shapes: dict = SHAPES, v
             floor, floor_bound = floor_and_design(B, H, N, d, elt, hw_name)
             total = (fwd + bwd) * 1e3
             rows.append({
-                "kernel": "attention_kl total", "N": N, "dtype": dtype, "instr_per_elem": round(ipe, 3),
+                "kernel": "attention_kl total", "N": N, "dtype": dtype, "instr_per_elem": round(ipe, 3),  # main launches' inner loops
                 "predicted_ms_fwd": round(fwd * 1e3, 5), "predicted_ms_bwd": round(bwd * 1e3, 5),
                 "predicted_ms_total": round(total, 5), "predicted_bound_ms": round((fwd_b + bwd_b) * 1e3, 5),
                 "floor_ms": round(floor, 5), "floor_bound": floor_bound,

@@ -40,26 +40,88 @@ from fastkd.kernels._common import upcast_inputs
 #     dQ_s,i = sum_j dS_ij k_s,j        dK_s,j = sum_i dS_ij q_s,i
 # ---------------------------------------------------------------------------------------------------------
 
-NEG_BIG = tl.constexpr(-1.0e30)  # running-max start: finite, so e^(m_old - m_new) never sees (-inf) - (-inf)
+NEG_BIG = tl.constexpr(-1.0e30)  # running-max start: finite, so 2^(m_old - m_new) never sees (-inf) - (-inf)
+LOG2E = 1.4426950408889634
+LN2 = tl.constexpr(0.6931471805599453)
+
+# Inside the kernels every logit and LSE is in log2 units: the launchers fold log2(e) into scale_s / scale_t and
+# the kernels multiply given (natural-log) LSEs by log2(e) on load and divide on store, so the exponentials are
+# bare ex2 (tl.exp2). Each loop runs over full tiles without bounds masks; the last, partial tile along the
+# streamed dimension is peeled out of the loop and is only as wide as it needs to be (BLOCK_T). A partial block
+# of the program's own dimension (rows for forward/dQ, keys for dK) is a second launch with a narrow block.
 
 
 @triton.jit
-def _load_rows(ptr, b, h, rows, row_ok, offs_d, D, stride_b, stride_h, stride_n, stride_d, UPCAST: tl.constexpr):
-    off = b * stride_b + h * stride_h
-    x = tl.load(
-        ptr + off + rows[:, None] * stride_n + offs_d[None, :] * stride_d,
-        mask=row_ok[:, None] & (offs_d[None, :] < D),
-        other=0.0,
-    )
+def _tile(ptr, base, idx, ok, offs_d, D, stride_r, stride_d, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+          UPCAST: tl.constexpr, TRANS: tl.constexpr):
+    # rows idx of a [rows, D] matrix: [W, D], or [D, W] if TRANS; masked rows / padded head-dim columns read as 0
+    if TRANS:
+        ptrs = ptr + base + idx[None, :] * stride_r + offs_d[:, None] * stride_d
+        row_m = ok[None, :]
+        col_m = offs_d[:, None] < D
+    else:
+        ptrs = ptr + base + idx[:, None] * stride_r + offs_d[None, :] * stride_d
+        row_m = ok[:, None]
+        col_m = offs_d[None, :] < D
+    if MASKED:
+        if EVEN_D:
+            x = tl.load(ptrs, mask=row_m, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_m & col_m, other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=col_m, other=0.0)
     if UPCAST:
         x = x.to(tl.float32)
     return x
 
 
 @triton.jit
-def _logits(q, k_t_tile, scale, PRECISION: tl.constexpr):
-    # q: [M, D], k_t_tile: [D, N] -> scale * q @ k^T in fp32
-    return tl.dot(q, k_t_tile, input_precision=PRECISION) * scale
+def _keep(MASK, b, stride_mb, stride_mn, offs_n, key_ok, TAIL: tl.constexpr):
+    # key_mask of these keys (True = kept); out-of-range keys read as dropped
+    if TAIL:
+        keep = tl.load(MASK + b * stride_mb + offs_n * stride_mn, mask=key_ok, other=0)
+        return key_ok & (keep != 0)
+    else:
+        return tl.load(MASK + b * stride_mb + offs_n * stride_mn) != 0
+
+
+@triton.jit
+def _fwd_tile(qs, qt, ks, kt, scale_s, scale_t, valid, m_a, m_b, z_a, z_b, acc,
+              MASKED: tl.constexpr, HAS_LSE_A: tl.constexpr, HAS_LSE_B: tl.constexpr, REVERSE: tl.constexpr,
+              PRECISION: tl.constexpr):
+    # one [M, W] tile of the online pass; logits in log2 units; valid: [W] kept keys (read only if MASKED)
+    s = tl.dot(qs, ks, input_precision=PRECISION) * scale_s
+    t = tl.dot(qt, kt, input_precision=PRECISION) * scale_t
+    if REVERSE:
+        la = s
+        lb = t
+    else:
+        la = t
+        lb = s
+    diff = la - lb
+    if MASKED:
+        diff = tl.where(valid[None, :], diff, 0.0)
+        la = tl.where(valid[None, :], la, float("-inf"))
+        lb = tl.where(valid[None, :], lb, float("-inf"))
+    if HAS_LSE_A:
+        e_a = tl.exp2(la - m_a[:, None])
+        z_a += tl.sum(e_a, 1)
+        acc += tl.sum(e_a * diff, 1)
+    else:
+        m_new = tl.maximum(m_a, tl.max(la, 1))
+        alpha = tl.exp2(m_a - m_new)
+        e_a = tl.exp2(la - m_new[:, None])
+        z_a = z_a * alpha + tl.sum(e_a, 1)
+        acc = acc * alpha + tl.sum(e_a * diff, 1)
+        m_a = m_new
+    if not HAS_LSE_B:
+        m_new_b = tl.maximum(m_b, tl.max(lb, 1))
+        z_b = z_b * tl.exp2(m_b - m_new_b) + tl.sum(tl.exp2(lb - m_new_b[:, None]), 1)
+        m_b = m_new_b
+    return m_a, m_b, z_a, z_b, acc
 
 
 @triton.jit
@@ -73,8 +135,9 @@ def _attention_kl_fwd_kernel(
     stride_mb, stride_mn,  #
     stride_lab, stride_lah, stride_lan,  #
     stride_lbb, stride_lbh, stride_lbn,  #
-    N, R, P, DS, DT, scale_s, scale_t,  #
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,  #
+    N, R, P, DS, DT, scale_s, scale_t, ROW0,  #
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, ROW_TAIL: tl.constexpr,  #
+    BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr, EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr,  #
     HAS_MASK: tl.constexpr, HAS_LSE_A: tl.constexpr, HAS_LSE_B: tl.constexpr, REVERSE: tl.constexpr,  #
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,  #
 ):
@@ -84,13 +147,20 @@ def _attention_kl_fwd_kernel(
     p = pid_bp % P
     hs = tl.load(PAIRS + 2 * p).to(tl.int64)
     ht = tl.load(PAIRS + 2 * p + 1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = ROW0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < R
-    rows = tl.load(ROWS + offs_m, mask=row_ok, other=0).to(tl.int64)
+    if ROW_TAIL:
+        rows = tl.load(ROWS + offs_m, mask=row_ok, other=0).to(tl.int64)
+    else:
+        rows = tl.load(ROWS + offs_m).to(tl.int64)
     offs_ds = tl.arange(0, BLOCK_DS)
     offs_dt = tl.arange(0, BLOCK_DT)
-    qs = _load_rows(QS, b, hs, rows, row_ok, offs_ds, DS, stride_qsb, stride_qsh, stride_qsn, stride_qsd, UPCAST)
-    qt = _load_rows(QT, b, ht, rows, row_ok, offs_dt, DT, stride_qtb, stride_qth, stride_qtn, stride_qtd, UPCAST)
+    qs = _tile(QS, b * stride_qsb + hs * stride_qsh, rows, row_ok, offs_ds, DS, stride_qsn, stride_qsd,
+               ROW_TAIL, EVEN_DS, UPCAST, False)
+    qt = _tile(QT, b * stride_qtb + ht * stride_qth, rows, row_ok, offs_dt, DT, stride_qtn, stride_qtd,
+               ROW_TAIL, EVEN_DT, UPCAST, False)
+    ks_base = b * stride_ksb + hs * stride_ksh
+    kt_base = b * stride_ktb + ht * stride_kth
     # which head the given LSEs are read from: a = t, b = s (forward) or a = s, b = t (reverse)
     if REVERSE:
         ha = hs
@@ -98,76 +168,51 @@ def _attention_kl_fwd_kernel(
     else:
         ha = ht
         hb = hs
-
     if HAS_LSE_A:
         m_a = tl.load(LSE_A_IN + b * stride_lab + ha * stride_lah + rows * stride_lan, mask=row_ok, other=0.0)
-        m_a = m_a.to(tl.float32)
+        m_a = m_a.to(tl.float32) * 1.4426950408889634
     else:
         m_a = tl.full([BLOCK_M], NEG_BIG, tl.float32)
     if HAS_LSE_B:
-        lse_b = tl.load(LSE_B_IN + b * stride_lbb + hb * stride_lbh + rows * stride_lbn, mask=row_ok, other=0.0)
-        lse_b = lse_b.to(tl.float32)
-        m_b = lse_b
+        m_b = tl.load(LSE_B_IN + b * stride_lbb + hb * stride_lbh + rows * stride_lbn, mask=row_ok, other=0.0)
+        m_b = m_b.to(tl.float32) * 1.4426950408889634
     else:
         m_b = tl.full([BLOCK_M], NEG_BIG, tl.float32)
     z_a = tl.zeros([BLOCK_M], tl.float32)
     z_b = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M], tl.float32)
 
-    for start_n in range(0, N, BLOCK_N):
+    n_full = N - N % BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        key_ok = offs_n < N
+        ks = _tile(KS, ks_base, offs_n, row_ok, offs_ds, DS, stride_ksn, stride_ksd, False, EVEN_DS, UPCAST, True)
+        kt = _tile(KT, kt_base, offs_n, row_ok, offs_dt, DT, stride_ktn, stride_ktd, False, EVEN_DT, UPCAST, True)
+        valid = offs_n < N
         if HAS_MASK:
-            keep = tl.load(MASK + b * stride_mb + offs_n * stride_mn, mask=key_ok, other=0)
-            key_ok = key_ok & (keep != 0)
-        ks = tl.load(
-            KS + b * stride_ksb + hs * stride_ksh + offs_n[None, :] * stride_ksn + offs_ds[:, None] * stride_ksd,
-            mask=(offs_n[None, :] < N) & (offs_ds[:, None] < DS),
-            other=0.0,
-        )
-        kt = tl.load(
-            KT + b * stride_ktb + ht * stride_kth + offs_n[None, :] * stride_ktn + offs_dt[:, None] * stride_ktd,
-            mask=(offs_n[None, :] < N) & (offs_dt[:, None] < DT),
-            other=0.0,
-        )
-        if UPCAST:
-            ks = ks.to(tl.float32)
-            kt = kt.to(tl.float32)
-        s = _logits(qs, ks, scale_s, PRECISION)
-        t = _logits(qt, kt, scale_t, PRECISION)
-        if REVERSE:
-            la = s
-            lb = t
-        else:
-            la = t
-            lb = s
-        valid = key_ok[None, :]
-        diff = tl.where(valid, la - lb, 0.0)
-        la = tl.where(valid, la, float("-inf"))
-        lb = tl.where(valid, lb, float("-inf"))
-        if HAS_LSE_A:
-            e_a = tl.exp(la - m_a[:, None])
-            z_a += tl.sum(e_a, 1)
-            acc += tl.sum(e_a * diff, 1)
-        else:
-            m_new = tl.maximum(m_a, tl.max(la, 1))
-            alpha = tl.exp(m_a - m_new)
-            e_a = tl.exp(la - m_new[:, None])
-            z_a = z_a * alpha + tl.sum(e_a, 1)
-            acc = acc * alpha + tl.sum(e_a * diff, 1)
-            m_a = m_new
-        if not HAS_LSE_B:
-            m_new_b = tl.maximum(m_b, tl.max(lb, 1))
-            z_b = z_b * tl.exp(m_b - m_new_b) + tl.sum(tl.exp(lb - m_new_b[:, None]), 1)
-            m_b = m_new_b
+            valid = _keep(MASK, b, stride_mb, stride_mn, offs_n, valid, False)
+        m_a, m_b, z_a, z_b, acc = _fwd_tile(qs, qt, ks, kt, scale_s, scale_t, valid, m_a, m_b, z_a, z_b, acc,
+                                            HAS_MASK, HAS_LSE_A, HAS_LSE_B, REVERSE, PRECISION)
+    if BLOCK_T > 0:  # the peeled, narrow tail tile
+        offs_n = n_full + tl.arange(0, BLOCK_T)
+        key_ok = offs_n < N
+        ks = _tile(KS, ks_base, offs_n, key_ok, offs_ds, DS, stride_ksn, stride_ksd, True, EVEN_DS, UPCAST, True)
+        kt = _tile(KT, kt_base, offs_n, key_ok, offs_dt, DT, stride_ktn, stride_ktd, True, EVEN_DT, UPCAST, True)
+        if HAS_MASK:
+            key_ok = _keep(MASK, b, stride_mb, stride_mn, offs_n, key_ok, True)
+        m_a, m_b, z_a, z_b, acc = _fwd_tile(qs, qt, ks, kt, scale_s, scale_t, key_ok, m_a, m_b, z_a, z_b, acc,
+                                            True, HAS_LSE_A, HAS_LSE_B, REVERSE, PRECISION)
 
     has_keys = z_a > 0.0
     safe_z = tl.where(has_keys, z_a, 1.0)
-    lse_a = tl.where(has_keys, m_a + tl.log(safe_z), float("inf"))
-    if not HAS_LSE_B:
-        lse_b = tl.where(z_b > 0.0, m_b + tl.log(tl.where(z_b > 0.0, z_b, 1.0)), float("inf"))
-    # rows without keys: lse = +inf on both sides; keep inf - inf out of the arithmetic
-    kl = tl.where(has_keys, acc / safe_z - tl.where(has_keys, lse_a, 0.0) + tl.where(has_keys, lse_b, 0.0), 0.0)
+    lse_a = m_a + tl.log2(safe_z)
+    if HAS_LSE_B:
+        lse_b = m_b
+    else:
+        lse_b = m_b + tl.log2(tl.where(z_b > 0.0, z_b, 1.0))
+    # rows without keys: KL 0, lse = +inf on both sides (no inf - inf in the arithmetic)
+    kl = tl.where(has_keys, (acc / safe_z - lse_a + lse_b) * LN2, 0.0)
+    lse_a = tl.where(has_keys, lse_a * LN2, float("inf"))
+    lse_b = tl.where(has_keys, lse_b * LN2, float("inf"))
     out = pid_bp.to(tl.int64) * R + offs_m
     tl.store(KL + out, kl, mask=row_ok)
     if REVERSE:
@@ -179,16 +224,40 @@ def _attention_kl_fwd_kernel(
 
 
 @triton.jit
-def _dscores(s, t, lse_s, lse_t, g, kl, valid, REVERSE: tl.constexpr):
-    # dKL/ds times the upstream gradient and scale_s (both folded into g), from raw logits: [M, N] fp32
+def _dscores(s, t, lse_s, lse_t, g, kl, valid, MASKED: tl.constexpr, REVERSE: tl.constexpr):
+    # dKL/ds (natural-log logits) times the upstream gradient and scale_s (folded into g), from log2-unit logits
+    # and LSEs: [M, W] fp32. valid: [M, W] (read only if MASKED)
     log_ps = s - lse_s[:, None]
     log_pt = t - lse_t[:, None]
-    p_s = tl.where(valid, tl.exp(log_ps), 0.0)
+    p_s = tl.exp2(log_ps)
     if REVERSE:
-        ds = p_s * tl.where(valid, log_ps - log_pt - kl[:, None], 0.0)
+        ds = p_s * ((log_ps - log_pt) * LN2 - kl[:, None])
     else:
-        ds = p_s - tl.where(valid, tl.exp(log_pt), 0.0)
+        ds = p_s - tl.exp2(log_pt)
+    if MASKED:
+        ds = tl.where(valid, ds, 0.0)
     return ds * g[:, None]
+
+
+@triton.jit
+def _row_stats(LSE_S, LSE_T, KL, GRAD, row_out, row_ok, scale_s, MASKED: tl.constexpr, REVERSE: tl.constexpr,
+               BLOCK: tl.constexpr):
+    # the saved per-row statistics, LSEs in log2 units; g carries the natural-unit scale_s
+    if MASKED:
+        lse_s = tl.load(LSE_S + row_out, mask=row_ok, other=1.0e30)
+        lse_t = tl.load(LSE_T + row_out, mask=row_ok, other=1.0e30)
+        g = tl.load(GRAD + row_out, mask=row_ok, other=0.0)
+    else:
+        lse_s = tl.load(LSE_S + row_out)
+        lse_t = tl.load(LSE_T + row_out)
+        g = tl.load(GRAD + row_out)
+    kl = tl.zeros([BLOCK], tl.float32)
+    if REVERSE:
+        if MASKED:
+            kl = tl.load(KL + row_out, mask=row_ok, other=0.0)
+        else:
+            kl = tl.load(KL + row_out)
+    return lse_s * 1.4426950408889634, lse_t * 1.4426950408889634, g * (scale_s * LN2), kl
 
 
 @triton.jit
@@ -200,55 +269,58 @@ def _attention_kl_bwd_dq_kernel(
     stride_qtb, stride_qth, stride_qtn, stride_qtd,  #
     stride_ktb, stride_kth, stride_ktn, stride_ktd,  #
     stride_mb, stride_mn,  #
-    N, R, P, DS, DT, scale_s, scale_t,  #
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,  #
+    N, R, P, DS, DT, scale_s, scale_t, OWN0,  #
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, OWN_TAIL: tl.constexpr,  #
+    BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr, EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr,  #
     HAS_MASK: tl.constexpr, REVERSE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,  #
     DIRECT: tl.constexpr,  #
 ):
+    # one program per (row block, batch x pair); streams over key tiles. scale_s, scale_t in log2 units
     pid_m = tl.program_id(0)
     pid_bp = tl.program_id(1)
     b = (pid_bp // P).to(tl.int64)
     p = pid_bp % P
     hs = tl.load(PAIRS + 2 * p).to(tl.int64)
     ht = tl.load(PAIRS + 2 * p + 1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = OWN0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < R
-    rows = tl.load(ROWS + offs_m, mask=row_ok, other=0).to(tl.int64)
+    if OWN_TAIL:
+        rows = tl.load(ROWS + offs_m, mask=row_ok, other=0).to(tl.int64)
+    else:
+        rows = tl.load(ROWS + offs_m).to(tl.int64)
     offs_ds = tl.arange(0, BLOCK_DS)
     offs_dt = tl.arange(0, BLOCK_DT)
-    qs = _load_rows(QS, b, hs, rows, row_ok, offs_ds, DS, stride_qsb, stride_qsh, stride_qsn, stride_qsd, UPCAST)
-    qt = _load_rows(QT, b, ht, rows, row_ok, offs_dt, DT, stride_qtb, stride_qth, stride_qtn, stride_qtd, UPCAST)
+    qs = _tile(QS, b * stride_qsb + hs * stride_qsh, rows, row_ok, offs_ds, DS, stride_qsn, stride_qsd,
+               OWN_TAIL, EVEN_DS, UPCAST, False)
+    qt = _tile(QT, b * stride_qtb + ht * stride_qth, rows, row_ok, offs_dt, DT, stride_qtn, stride_qtd,
+               OWN_TAIL, EVEN_DT, UPCAST, False)
+    ks_base = b * stride_ksb + hs * stride_ksh
+    kt_base = b * stride_ktb + ht * stride_kth
     row_out = pid_bp.to(tl.int64) * R + offs_m
-    lse_s = tl.load(LSE_S + row_out, mask=row_ok, other=1.0e30)
-    lse_t = tl.load(LSE_T + row_out, mask=row_ok, other=1.0e30)
-    g = tl.load(GRAD + row_out, mask=row_ok, other=0.0) * scale_s
-    kl = tl.zeros([BLOCK_M], tl.float32)
-    if REVERSE:
-        kl = tl.load(KL + row_out, mask=row_ok, other=0.0)
+    lse_s, lse_t, g, kl = _row_stats(LSE_S, LSE_T, KL, GRAD, row_out, row_ok, scale_s, OWN_TAIL, REVERSE, BLOCK_M)
     dq = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
-    for start_n in range(0, N, BLOCK_N):
+    n_full = N - N % BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        key_ok = offs_n < N
+        ks = _tile(KS, ks_base, offs_n, row_ok, offs_ds, DS, stride_ksn, stride_ksd, False, EVEN_DS, UPCAST, False)
+        kt = _tile(KT, kt_base, offs_n, row_ok, offs_dt, DT, stride_ktn, stride_ktd, False, EVEN_DT, UPCAST, True)
+        valid = offs_n < N
         if HAS_MASK:
-            keep = tl.load(MASK + b * stride_mb + offs_n * stride_mn, mask=key_ok, other=0)
-            key_ok = key_ok & (keep != 0)
-        ks = tl.load(
-            KS + b * stride_ksb + hs * stride_ksh + offs_n[:, None] * stride_ksn + offs_ds[None, :] * stride_ksd,
-            mask=(offs_n[:, None] < N) & (offs_ds[None, :] < DS),
-            other=0.0,
-        )
-        kt = tl.load(
-            KT + b * stride_ktb + ht * stride_kth + offs_n[None, :] * stride_ktn + offs_dt[:, None] * stride_ktd,
-            mask=(offs_n[None, :] < N) & (offs_dt[:, None] < DT),
-            other=0.0,
-        )
-        if UPCAST:
-            ks = ks.to(tl.float32)
-            kt = kt.to(tl.float32)
-        valid = key_ok[None, :]
-        s = _logits(qs, tl.trans(ks), scale_s, PRECISION)
-        t = _logits(qt, kt, scale_t, PRECISION)
-        ds = _dscores(s, t, lse_s, lse_t, g, kl, valid, REVERSE)
+            valid = _keep(MASK, b, stride_mb, stride_mn, offs_n, valid, False)
+        s = tl.dot(qs, tl.trans(ks), input_precision=PRECISION) * scale_s
+        t = tl.dot(qt, kt, input_precision=PRECISION) * scale_t
+        ds = _dscores(s, t, lse_s, lse_t, g, kl, valid[None, :], HAS_MASK, REVERSE)
+        dq += tl.dot(ds.to(ks.dtype), ks, input_precision=PRECISION)
+    if BLOCK_T > 0:
+        offs_n = n_full + tl.arange(0, BLOCK_T)
+        key_ok = offs_n < N
+        ks = _tile(KS, ks_base, offs_n, key_ok, offs_ds, DS, stride_ksn, stride_ksd, True, EVEN_DS, UPCAST, False)
+        kt = _tile(KT, kt_base, offs_n, key_ok, offs_dt, DT, stride_ktn, stride_ktd, True, EVEN_DT, UPCAST, True)
+        if HAS_MASK:
+            key_ok = _keep(MASK, b, stride_mb, stride_mn, offs_n, key_ok, True)
+        s = tl.dot(qs, tl.trans(ks), input_precision=PRECISION) * scale_s
+        t = tl.dot(qt, kt, input_precision=PRECISION) * scale_t
+        ds = _dscores(s, t, lse_s, lse_t, g, kl, key_ok[None, :], True, REVERSE)
         dq += tl.dot(ds.to(ks.dtype), ks, input_precision=PRECISION)
     # DIRECT: straight into dq_s[b, h_s, row] (student heads and rows unique); else into the [B, P, R, d_s] buffer
     if DIRECT:
@@ -256,6 +328,31 @@ def _attention_kl_bwd_dq_kernel(
     else:
         d_out = DQ + b * stride_ob + p * stride_oh + offs_m[:, None] * stride_on + offs_ds[None, :] * stride_od
     tl.store(d_out, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_ds[None, :] < DS))
+
+
+@triton.jit
+def _dk_tile(QS, QT, ROWS, LSE_S, LSE_T, KL, GRAD, qs_base, qt_base, row0, bp, R, DS, DT,
+             stride_qsn, stride_qsd, stride_qtn, stride_qtd, scale_s, scale_t, ks, kt, key_ok, dk,
+             offs_ds, offs_dt, WIDTH: tl.constexpr, ROWS_MASKED: tl.constexpr, KEYS_MASKED: tl.constexpr,
+             EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr, REVERSE: tl.constexpr, UPCAST: tl.constexpr,
+             PRECISION: tl.constexpr):
+    # one [WIDTH rows, keys] tile of dK = sum_i dS_i^T q_s,i
+    MASKED: tl.constexpr = ROWS_MASKED or KEYS_MASKED
+    offs_m = row0 + tl.arange(0, WIDTH)
+    row_ok = offs_m < R
+    if ROWS_MASKED:
+        rows = tl.load(ROWS + offs_m, mask=row_ok, other=0).to(tl.int64)
+    else:
+        rows = tl.load(ROWS + offs_m).to(tl.int64)
+    qs = _tile(QS, qs_base, rows, row_ok, offs_ds, DS, stride_qsn, stride_qsd, ROWS_MASKED, EVEN_DS, UPCAST, False)
+    qt = _tile(QT, qt_base, rows, row_ok, offs_dt, DT, stride_qtn, stride_qtd, ROWS_MASKED, EVEN_DT, UPCAST, False)
+    lse_s, lse_t, g, kl = _row_stats(LSE_S, LSE_T, KL, GRAD, bp * R + offs_m, row_ok, scale_s, ROWS_MASKED,
+                                     REVERSE, WIDTH)
+    s = tl.dot(qs, ks, input_precision=PRECISION) * scale_s
+    t = tl.dot(qt, kt, input_precision=PRECISION) * scale_t
+    # padding rows (beyond R) count as masked, so no 0 * (inf - inf) reaches the sum over rows
+    ds = _dscores(s, t, lse_s, lse_t, g, kl, row_ok[:, None] & key_ok[None, :], MASKED, REVERSE)
+    return dk + tl.dot(tl.trans(ds.to(qs.dtype)), qs, input_precision=PRECISION)
 
 
 @triton.jit
@@ -267,49 +364,45 @@ def _attention_kl_bwd_dk_kernel(
     stride_qtb, stride_qth, stride_qtn, stride_qtd,  #
     stride_ktb, stride_kth, stride_ktn, stride_ktd,  #
     stride_mb, stride_mn,  #
-    N, R, P, DS, DT, scale_s, scale_t,  #
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,  #
+    N, R, P, DS, DT, scale_s, scale_t, OWN0,  #
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, OWN_TAIL: tl.constexpr,  #
+    BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr, EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr,  #
     HAS_MASK: tl.constexpr, REVERSE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,  #
     DIRECT: tl.constexpr,  #
 ):
+    # one program per (key block, batch x pair); streams over row tiles (BLOCK_M, tail BLOCK_T)
     pid_n = tl.program_id(0)
     pid_bp = tl.program_id(1)
     b = (pid_bp // P).to(tl.int64)
     p = pid_bp % P
     hs = tl.load(PAIRS + 2 * p).to(tl.int64)
     ht = tl.load(PAIRS + 2 * p + 1).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = OWN0 + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     key_in = offs_n < N
     key_ok = key_in
     if HAS_MASK:
-        keep = tl.load(MASK + b * stride_mb + offs_n * stride_mn, mask=key_in, other=0)
-        key_ok = key_ok & (keep != 0)
+        key_ok = _keep(MASK, b, stride_mb, stride_mn, offs_n, key_in, OWN_TAIL)
     offs_ds = tl.arange(0, BLOCK_DS)
     offs_dt = tl.arange(0, BLOCK_DT)
-    # this program's keys, loaded once: ks as [N, DS] (for dK's layout), both transposed for the logits
-    ks = _load_rows(KS, b, hs, offs_n, key_in, offs_ds, DS, stride_ksb, stride_ksh, stride_ksn, stride_ksd, UPCAST)
-    kt = _load_rows(KT, b, ht, offs_n, key_in, offs_dt, DT, stride_ktb, stride_kth, stride_ktn, stride_ktd, UPCAST)
-    valid = key_ok[None, :]
+    # this program's keys, loaded once, transposed for the logits
+    ks = _tile(KS, b * stride_ksb + hs * stride_ksh, offs_n, key_in, offs_ds, DS, stride_ksn, stride_ksd,
+               OWN_TAIL, EVEN_DS, UPCAST, True)
+    kt = _tile(KT, b * stride_ktb + ht * stride_kth, offs_n, key_in, offs_dt, DT, stride_ktn, stride_ktd,
+               OWN_TAIL, EVEN_DT, UPCAST, True)
+    qs_base = b * stride_qsb + hs * stride_qsh
+    qt_base = b * stride_qtb + ht * stride_qth
+    bp = pid_bp.to(tl.int64)
+    KEYS_MASKED: tl.constexpr = OWN_TAIL or HAS_MASK
     dk = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
-    for start_m in range(0, R, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < R
-        rows = tl.load(ROWS + offs_m, mask=row_ok, other=0).to(tl.int64)
-        qs = _load_rows(QS, b, hs, rows, row_ok, offs_ds, DS, stride_qsb, stride_qsh, stride_qsn, stride_qsd, UPCAST)
-        qt = _load_rows(QT, b, ht, rows, row_ok, offs_dt, DT, stride_qtb, stride_qth, stride_qtn, stride_qtd, UPCAST)
-        row_out = pid_bp.to(tl.int64) * R + offs_m
-        lse_s = tl.load(LSE_S + row_out, mask=row_ok, other=1.0e30)
-        lse_t = tl.load(LSE_T + row_out, mask=row_ok, other=1.0e30)
-        g = tl.load(GRAD + row_out, mask=row_ok, other=0.0) * scale_s
-        kl = tl.zeros([BLOCK_M], tl.float32)
-        if REVERSE:
-            kl = tl.load(KL + row_out, mask=row_ok, other=0.0)
-        # padding rows (beyond R) count as masked, so no 0 * (inf - inf) reaches the sum over rows
-        tile_ok = valid & row_ok[:, None]
-        s = _logits(qs, tl.trans(ks), scale_s, PRECISION)
-        t = _logits(qt, tl.trans(kt), scale_t, PRECISION)
-        ds = _dscores(s, t, lse_s, lse_t, g, kl, tile_ok, REVERSE)
-        dk += tl.dot(tl.trans(ds.to(qs.dtype)), qs, input_precision=PRECISION)
+    r_full = R - R % BLOCK_M
+    for start_m in range(0, r_full, BLOCK_M):
+        dk = _dk_tile(QS, QT, ROWS, LSE_S, LSE_T, KL, GRAD, qs_base, qt_base, start_m, bp, R, DS, DT,
+                      stride_qsn, stride_qsd, stride_qtn, stride_qtd, scale_s, scale_t, ks, kt, key_ok, dk,
+                      offs_ds, offs_dt, BLOCK_M, False, KEYS_MASKED, EVEN_DS, EVEN_DT, REVERSE, UPCAST, PRECISION)
+    if BLOCK_T > 0:
+        dk = _dk_tile(QS, QT, ROWS, LSE_S, LSE_T, KL, GRAD, qs_base, qt_base, r_full, bp, R, DS, DT,
+                      stride_qsn, stride_qsd, stride_qtn, stride_qtd, scale_s, scale_t, ks, kt, key_ok, dk,
+                      offs_ds, offs_dt, BLOCK_T, True, KEYS_MASKED, EVEN_DS, EVEN_DT, REVERSE, UPCAST, PRECISION)
     if DIRECT:
         d_out = DK + b * stride_ob + hs * stride_oh + offs_n[:, None] * stride_on + offs_ds[None, :] * stride_od
     else:
@@ -320,21 +413,42 @@ def _attention_kl_bwd_dk_kernel(
 # ------------------------------------------------------------------------------------------------- launchers
 
 
-def gpu_blocks(R: int, N: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for compiled kernels: 64-wide tiles (N=197 pads to 256); row blocks shrink
-    for short row subsets (CLS row only)."""
-    return max(16, min(64, next_pow2(R))), 64, 4
-
-
-def _blocks(R: int, N: int) -> tuple[int, int, int]:
-    """The interpreter runs each tile as numpy, so it prefers few, larger tiles."""
+def blocks(R: int, N: int, fp32: bool = False) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the full tiles. Compiled: 64 x 64 (32 x 32 for fp32 inputs, whose IEEE dots on
+    CUDA cores would spill at 64 x 64). The interpreter runs each tile as numpy and prefers few tiles, but
+    keeps at least one full tile and a tail for small shapes so that both code paths run in the tests."""
     if interpret():
-        return max(16, min(64, next_pow2(R))), max(16, min(128, next_pow2(N))), 4
-    return gpu_blocks(R, N)
+        return max(16, min(64, next_pow2(R) // 2)), max(16, min(64, next_pow2(N) // 2))
+    return (32, 32) if fp32 else (64, 64)
 
 
-def _precision(*tensors: torch.Tensor) -> str:
-    return "ieee" if any(t.dtype == torch.float32 for t in tensors) or interpret() else "tf32"
+def tail_block(length: int, block: int) -> int:
+    """Width of the peeled tail tile of a dimension of ``length`` streamed in ``block``s (0: no tail)."""
+    rem = length % block
+    return 0 if rem == 0 else max(16, next_pow2(rem))
+
+
+def warps_for(bm: int, bn: int) -> int:
+    """4 warps for a 64 x 64 tile; fewer for the narrow tail launches (one warp per 16 x 64 elements)."""
+    return max(1, min(4, bm * bn // 1024))
+
+
+def splits(length: int, block: int) -> list[tuple[int, int, int, bool]]:
+    """The launches along a program dimension: ``(first index, programs, block, is_tail)`` -- full blocks, then
+    one narrow block for the remainder, so that a remainder never costs a full block."""
+    full = length // block
+    out = [(0, full, block, False)] if full else []
+    if length % block:
+        out.append((full * block, 1, tail_block(length, block), True))
+    return out
+
+
+def _precision(tensors, allow_tf32: bool) -> str:
+    if interpret():
+        return "ieee"
+    if any(t.dtype == torch.float32 for t in tensors):
+        return "tf32" if allow_tf32 else "ieee"
+    return "tf32"  # unused for fp16/bf16 tiles (tensor cores take them as they are)
 
 
 def _strides4(x: torch.Tensor) -> tuple[int, int, int, int]:
@@ -348,8 +462,22 @@ def _mask_args(key_mask: torch.Tensor | None, like: torch.Tensor):
     return m, m.stride(0), m.stride(1), True
 
 
-def attention_kl_forward(q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse, lse_s, lse_t):
-    """Launch the forward kernel. Returns ``(kl, lse_s_rows, lse_t_rows)``, each fp32 ``[B, P, R]``."""
+def _check_mask_lse(key_mask, lse_s, lse_t) -> None:
+    if key_mask is not None and (lse_s is not None or lse_t is not None):
+        raise ValueError(
+            "key_mask cannot be combined with lse_s / lse_t: a given LSE sums over all keys, the masked KL over the "
+            "kept keys only. Pass key_mask without LSEs, or LSEs computed with the same mask and no key_mask."
+        )
+
+
+def attention_kl_forward(q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse, lse_s, lse_t, *,
+                         allow_tf32: bool = False):
+    """Launch the forward kernel. Returns ``(kl, lse_s_rows, lse_t_rows)``, each fp32 ``[B, P, R]`` (natural log).
+
+    ``allow_tf32``: fp32 inputs use TF32 tensor-core dots instead of IEEE fp32 ones (faster, ~1e-3 relative).
+    No device-to-host synchronisation: sizes come from shapes, ``pairs`` / ``rows`` are only copied to the device.
+    """
+    _check_mask_lse(key_mask, lse_s, lse_t)
     B, _, N, DS = q_s.shape
     DT = q_t.shape[-1]
     P, R = pairs.shape[0], rows.numel()
@@ -359,49 +487,62 @@ def attention_kl_forward(q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, sca
     out_t = torch.empty_like(kl)
     if B * P * R == 0:
         return kl, out_s, out_t
-    pairs32 = pairs.to(device=dev, dtype=torch.int32).contiguous()
-    rows32 = rows.to(device=dev, dtype=torch.int32).contiguous()
+    pairs32 = pairs.to(device=dev, dtype=torch.int32, non_blocking=True).contiguous()
+    rows32 = rows.to(device=dev, dtype=torch.int32, non_blocking=True).contiguous()
     mask, smb, smn, has_mask = _mask_args(key_mask, pairs32)
     lse_a, lse_b = (lse_s, lse_t) if reverse else (lse_t, lse_s)
     la = lse_a if lse_a is not None else kl
     lb = lse_b if lse_b is not None else kl
     la_strides = la.stride() if lse_a is not None else (0, 0, 0)
     lb_strides = lb.stride() if lse_b is not None else (0, 0, 0)
-    BLOCK_M, BLOCK_N, warps = _blocks(R, N)
-    grid = (triton.cdiv(R, BLOCK_M), B * P)
+    upcast = upcast_inputs(q_s, q_t)
+    BLOCK_M, BLOCK_N = blocks(R, N, fp32=upcast and not interpret())
     with device_guard(q_s):
-        _attention_kl_fwd_kernel[grid](
-            q_s, k_s, q_t, k_t, pairs32, rows32, mask, la, lb,
-            kl, out_s, out_t,
-            *_strides4(q_s), *_strides4(k_s), *_strides4(q_t), *_strides4(k_t),
-            smb, smn, *la_strides, *lb_strides,
-            N, R, P, DS, DT, float(scale_s), float(scale_t),
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_DS=head_block(DS), BLOCK_DT=head_block(DT),
-            HAS_MASK=has_mask, HAS_LSE_A=lse_a is not None, HAS_LSE_B=lse_b is not None, REVERSE=bool(reverse),
-            UPCAST=upcast_inputs(q_s, q_t), PRECISION=_precision(q_s, q_t), num_warps=warps,
-        )  # fmt: skip
+        for row0, programs, bm, tail in splits(R, BLOCK_M):
+            _attention_kl_fwd_kernel[(programs, B * P)](
+                q_s, k_s, q_t, k_t, pairs32, rows32, mask, la, lb,
+                kl, out_s, out_t,
+                *_strides4(q_s), *_strides4(k_s), *_strides4(q_t), *_strides4(k_t),
+                smb, smn, *la_strides, *lb_strides,
+                N, R, P, DS, DT, float(scale_s) * LOG2E, float(scale_t) * LOG2E, row0,
+                BLOCK_M=bm, BLOCK_N=BLOCK_N, BLOCK_T=tail_block(N, BLOCK_N), ROW_TAIL=tail,
+                BLOCK_DS=head_block(DS), BLOCK_DT=head_block(DT), EVEN_DS=head_block(DS) == DS,
+                EVEN_DT=head_block(DT) == DT, HAS_MASK=has_mask, HAS_LSE_A=lse_a is not None, HAS_LSE_B=lse_b is not None, REVERSE=bool(reverse),
+                UPCAST=upcast, PRECISION=_precision((q_s, q_t), allow_tf32), num_warps=warps_for(bm, BLOCK_N),
+            )  # fmt: skip
     return kl, out_s, out_t
+
+
+def head_rows_unique(pairs: torch.Tensor, rows: torch.Tensor) -> tuple[bool, bool]:
+    """(every pair has its own student head, rows are distinct) -- host metadata for the backward launcher.
+
+    Free on CPU tensors; on device tensors it synchronises, so callers with device tensors should compute it once
+    from the host values they built ``pairs`` / ``rows`` from and pass it to :func:`attention_kl_backward`.
+    """
+    heads = pairs[:, 0].tolist()
+    return len(set(heads)) == len(heads), rows.numel() <= 1 or len(set(rows.tolist())) == rows.numel()
 
 
 def attention_kl_backward(grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse,
                           lse_s_rows, lse_t_rows, kl, *, unique_heads: bool | None = None,
-                          unique_rows: bool | None = None):
+                          unique_rows: bool | None = None, allow_tf32: bool = False):
     """Launch the two backward kernels; returns ``(dq_s, dk_s)`` in the dtypes of ``q_s, k_s``.
 
     When every pair has its own student head and the rows are distinct (the common case), each element of
     ``dq_s``/``dk_s`` has exactly one writer and the kernels store straight into them in the input dtype.
     Otherwise (a student head in several pairs, repeated rows) each (batch, pair) program writes its own slice
     of fp32 buffers ``[B, P, R, d_s]`` / ``[B, P, N, d_s]`` and one index_add sums them: deterministic, no atomics.
-    ``unique_heads`` / ``unique_rows``: that decision from host values; when None it is read from the device.
+    ``unique_heads`` / ``unique_rows``: that decision from host values (see :func:`head_rows_unique`); when
+    either is None it is read from ``pairs`` / ``rows``, which synchronises if they live on the device.
     """
     B, H_s, N, DS = q_s.shape
     DT = q_t.shape[-1]
     P, R = pairs.shape[0], rows.numel()
     dev = q_s.device
-    if unique_heads is None:
-        unique_heads = len(set(pairs[:, 0].tolist())) == P
-    if unique_rows is None:
-        unique_rows = R <= 1 or torch.unique(rows).numel() == R
+    if unique_heads is None or unique_rows is None:
+        heads_ok, rows_ok = head_rows_unique(pairs, rows)
+        unique_heads = heads_ok if unique_heads is None else unique_heads
+        unique_rows = rows_ok if unique_rows is None else unique_rows
     direct = unique_heads and unique_rows
     if direct:
         covers_all = P == H_s and R == N  # every head and row written: no zero fill needed
@@ -411,36 +552,43 @@ def attention_kl_backward(grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale
     else:
         dq_out = torch.zeros(B, P, R, DS, dtype=torch.float32, device=dev)
         dk_out = torch.zeros(B, P, N, DS, dtype=torch.float32, device=dev)
+    pairs_dev = pairs.to(device=dev, non_blocking=True)
+    rows_dev = rows.to(device=dev, non_blocking=True)
     if B * P * R > 0:
-        pairs32 = pairs.to(device=dev, dtype=torch.int32).contiguous()
-        rows32 = rows.to(device=dev, dtype=torch.int32).contiguous()
+        pairs32 = pairs_dev.to(torch.int32).contiguous()
+        rows32 = rows_dev.to(torch.int32).contiguous()
         mask, smb, smn, has_mask = _mask_args(key_mask, pairs32)
         grad = grad.to(torch.float32).contiguous()
-        BLOCK_M, BLOCK_N, warps = _blocks(R, N)
+        upcast = upcast_inputs(q_s, q_t)
+        BLOCK_M, BLOCK_N = blocks(R, N, fp32=upcast and not interpret())
         common = dict(
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_DS=head_block(DS), BLOCK_DT=head_block(DT),
-            HAS_MASK=has_mask, REVERSE=bool(reverse), UPCAST=upcast_inputs(q_s, q_t),
-            PRECISION=_precision(q_s, q_t), DIRECT=direct, num_warps=warps,
+            BLOCK_DS=head_block(DS), BLOCK_DT=head_block(DT), EVEN_DS=head_block(DS) == DS,
+            EVEN_DT=head_block(DT) == DT, HAS_MASK=has_mask, REVERSE=bool(reverse),
+            UPCAST=upcast, PRECISION=_precision((q_s, q_t), allow_tf32), DIRECT=direct,
         )  # fmt: skip
         args = (
             *_strides4(q_s), *_strides4(k_s), *_strides4(q_t), *_strides4(k_t), smb, smn,
-            N, R, P, DS, DT, float(scale_s), float(scale_t),
+            N, R, P, DS, DT, float(scale_s) * LOG2E, float(scale_t) * LOG2E,
         )  # fmt: skip
         with device_guard(q_s):
-            _attention_kl_bwd_dq_kernel[(triton.cdiv(R, BLOCK_M), B * P)](
-                q_s, k_s, q_t, k_t, pairs32, rows32, mask, lse_s_rows, lse_t_rows, kl, grad, dq_out,
-                *_strides4(dq_out), *args, **common,
-            )  # fmt: skip
-            _attention_kl_bwd_dk_kernel[(triton.cdiv(N, BLOCK_N), B * P)](
-                q_s, k_s, q_t, k_t, pairs32, rows32, mask, lse_s_rows, lse_t_rows, kl, grad, dk_out,
-                *_strides4(dk_out), *args, **common,
-            )  # fmt: skip
+            for row0, programs, bm, tail in splits(R, BLOCK_M):
+                _attention_kl_bwd_dq_kernel[(programs, B * P)](
+                    q_s, k_s, q_t, k_t, pairs32, rows32, mask, lse_s_rows, lse_t_rows, kl, grad, dq_out,
+                    *_strides4(dq_out), *args, row0, BLOCK_M=bm, BLOCK_N=BLOCK_N, BLOCK_T=tail_block(N, BLOCK_N),
+                    OWN_TAIL=tail, num_warps=warps_for(bm, BLOCK_N), **common,
+                )  # fmt: skip
+            for key0, programs, bn, tail in splits(N, BLOCK_N):
+                _attention_kl_bwd_dk_kernel[(programs, B * P)](
+                    q_s, k_s, q_t, k_t, pairs32, rows32, mask, lse_s_rows, lse_t_rows, kl, grad, dk_out,
+                    *_strides4(dk_out), *args, key0, BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_T=tail_block(R, BLOCK_M),
+                    OWN_TAIL=tail, num_warps=warps_for(BLOCK_M, bn), **common,
+                )  # fmt: skip
     if direct:
         return dq, dk
-    hs = pairs[:, 0].to(dev)
+    hs = pairs_dev[:, 0]
     dq = torch.zeros(q_s.shape, dtype=torch.float32, device=dev)
     dq.permute(1, 2, 0, 3).index_put_(
-        (hs[:, None].expand(P, R), rows.to(dev)[None, :].expand(P, R)), dq_out.permute(1, 2, 0, 3), accumulate=True
+        (hs[:, None].expand(P, R), rows_dev[None, :].expand(P, R)), dq_out.permute(1, 2, 0, 3), accumulate=True
     )
     dk = torch.zeros(k_s.shape, dtype=torch.float32, device=dev)
     dk.index_add_(1, hs, dk_out)

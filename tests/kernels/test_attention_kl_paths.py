@@ -1,0 +1,111 @@
+"""The Triton attention_kl code paths one by one against the fp64 oracle (interpreter on CPUs).
+
+Each launch has an unmasked main loop over full tiles and one peeled, narrow tail tile; a partial block of the
+program dimension (rows for forward/dQ, keys for dK) is a second, narrow launch. These tests pick shapes that
+put work in every one of those paths (see ``blocks`` / ``splits``), with given LSEs, key masks, repeated student
+heads and repeated rows, in every dtype.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastkd.functional import attention_kl
+from fastkd.kernels import attention_kl as K
+from tests.kernels.test_attention_kl import DTYPES
+from tests.kernels.test_attention_kl import make_inputs
+from tests.kernels.test_attention_kl import oracle
+from tests.kernels.test_attention_kl import run
+from tests.utils import assert_close_rel
+
+
+def _lse(q, k, scale):
+    return torch.logsumexp((q.double() @ k.double().transpose(-1, -2)) * scale, -1)
+
+
+def _check(got, want, tol_v, tol_g, what):
+    for name, a, e in zip(("kl", "dq_s", "dk_s"), got, want):
+        assert_close_rel(a, e, tol_v if name == "kl" else tol_g, f"{what}: {name}")
+
+
+def test_splits_cover_every_index_once_and_tails_are_narrow():
+    for length in (1, 5, 16, 17, 64, 197, 577, 785, 3137):
+        for block in (16, 32, 64):
+            covered = []
+            for first, programs, width, tail in K.splits(length, block):
+                assert width == (K.tail_block(length, block) if tail else block)
+                covered += [first + i for i in range(programs * width)]
+            assert sorted(set(i for i in covered if i < length)) == list(range(length))
+            rem = length % block
+            assert K.tail_block(length, block) == (0 if rem == 0 else max(16, 1 << (rem - 1).bit_length()))
+    # the ViT remainders: 197 = 3*64 + 5, 577 = 9*64 + 1, 785 = 12*64 + 17, 3137 = 49*64 + 1
+    assert [K.tail_block(n, 64) for n in (197, 577, 785, 3137)] == [16, 16, 32, 16]
+
+
+@pytest.mark.parametrize("dtype, tol_v, tol_g", DTYPES)
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_tails_in_rows_and_keys(dtype, tol_v, tol_g, direction):
+    """N=197: full tiles plus a tail tile in keys, a full row launch plus a narrow row launch (and dK's too)."""
+    N = 197
+    bm, bn = K.blocks(N, N)
+    assert N // bn >= 1 and N % bn and N // bm >= 1 and N % bm, "shape must exercise main loops and tails"
+    inputs = make_inputs(1, 2, 2, N, 16, 16, dtype_s=dtype, seed=101)
+    _check(run("triton", inputs, direction=direction), oracle(inputs, direction=direction), tol_v, tol_g,
+           f"N=197 {dtype} {direction}")
+
+
+@pytest.mark.parametrize("which", ["s", "t", "both"])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_given_lses_with_tails(which, direction):
+    """Natural-log LSEs in, log2 units inside: the same values and gradients as recomputing them."""
+    inputs = make_inputs(2, 2, 3, 83, 24, 16, seed=103)  # d_s=24: padded head dim, masked columns
+    q_s, k_s, q_t, k_t = inputs
+    lse = {"lse_s": _lse(q_s, k_s, 24**-0.5).float(), "lse_t": _lse(q_t, k_t, 0.25).float()}
+    kw = {k: v for k, v in lse.items() if which == "both" or k.endswith(which)}
+    pairs = [(0, 2), (1, 0)]
+    got = run("triton", inputs, direction=direction, pairs=pairs, **kw)
+    _check(got, oracle(inputs, direction=direction, pairs=pairs), 2e-5, 2e-5, f"given {sorted(kw)} {direction}")
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_mask_in_main_loop_and_tail_with_repeated_heads_and_rows(direction):
+    """Masked keys in full tiles and in the tail; a student head in two pairs and a repeated row (buffered
+    backward) -- against the oracle, which drops the masked keys."""
+    B, N = 2, 77
+    inputs = make_inputs(B, 2, 3, N, 16, 16, seed=107)
+    mask = torch.rand(B, N, generator=torch.Generator().manual_seed(5)) > 0.25
+    mask[:, -1] = False  # the last key sits in the tail tile
+    mask[:, 3] = False  # and one in the first full tile
+    kw = dict(key_mask=mask, pairs=[(0, 2), (0, 1), (1, 1)], rows=torch.tensor([0, 76, 5, 5, 40]),
+              direction=direction)
+    _check(run("triton", inputs, **kw), oracle(inputs, **kw), 2e-5, 2e-5, f"mask+repeats {direction}")
+
+
+def test_key_mask_with_given_lse_is_refused():
+    inputs = make_inputs(1, 1, 1, 20, 16, 16, seed=109)
+    lse = _lse(inputs[0], inputs[1], 0.25).float()
+    mask = torch.ones(20, dtype=torch.bool)
+    mask[2] = False
+    with pytest.raises(ValueError, match="key_mask cannot be combined with lse_s / lse_t"):
+        attention_kl(*inputs, impl="triton", key_mask=mask, lse_s=lse)
+
+
+def test_backward_host_metadata_matches_the_derived_one():
+    """unique_heads / unique_rows given by the caller (no device sync) give the same gradients as derived ones."""
+    B, H, N = 1, 2, 40
+    q_s, k_s, q_t, k_t = make_inputs(B, H, H, N, 16, 16, seed=113)
+    pairs = torch.tensor([[0, 0], [1, 1]])
+    rows = torch.arange(N)
+    assert K.head_rows_unique(pairs, rows) == (True, True)
+    assert K.head_rows_unique(torch.tensor([[0, 0], [0, 1]]), torch.tensor([3, 3])) == (False, False)
+    kl, ls, lt = K.attention_kl_forward(q_s, k_s, q_t, k_t, pairs, rows, None, 0.25, 0.25, False, None, None)
+    g = torch.randn(kl.shape, generator=torch.Generator().manual_seed(3))
+    derived = K.attention_kl_backward(g, q_s, k_s, q_t, k_t, pairs, rows, None, 0.25, 0.25, False, ls, lt, kl)
+    given = K.attention_kl_backward(g, q_s, k_s, q_t, k_t, pairs, rows, None, 0.25, 0.25, False, ls, lt, kl,
+                                    unique_heads=True, unique_rows=True)
+    buffered = K.attention_kl_backward(g, q_s, k_s, q_t, k_t, pairs, rows, None, 0.25, 0.25, False, ls, lt, kl,
+                                       unique_heads=False, unique_rows=True)
+    for a, b, c in zip(derived, given, buffered):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert_close_rel(c, a, 1e-6, "buffered vs direct")
