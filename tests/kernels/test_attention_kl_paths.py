@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastkd.functional import attention_kl
 from fastkd.kernels import attention_kl as K
@@ -109,3 +110,40 @@ def test_backward_host_metadata_matches_the_derived_one():
     for a, b, c in zip(derived, given, buffered):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         assert_close_rel(c, a, 1e-6, "buffered vs direct")
+
+
+class _NoSync(TorchDispatchMode):
+    """Fails on the ops that make the host wait for the device: scalar reads, nonzero/unique, device-to-host
+    copies. On a CPU-only machine no op synchronises, so it also rejects the indexing ``.tolist()`` of a
+    metadata tensor starts with (``select``) -- the tell-tale of host decisions read from tensors."""
+
+    BANNED = ("aten._local_scalar_dense", "aten.nonzero", "aten.unique", "aten._unique", "aten.select.int")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        assert not name.startswith(self.BANNED), f"{name} during the op: a device-to-host synchronisation"
+        out = func(*args, **(kwargs or {}))
+        if name.startswith(("aten._to_copy", "aten.copy_")):
+            src = args[1] if name.startswith("aten.copy_") else args[0]
+            dst = args[0] if name.startswith("aten.copy_") else out
+            assert not (src.device.type != "cpu" and dst.device.type == "cpu"), f"{name}: device-to-host copy"
+        return out
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_launchers_do_not_synchronise(reverse):
+    """Forward and backward launchers with host metadata: no synchronising op (values still checked)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q_s, k_s, q_t, k_t = (x.to(device) for x in make_inputs(1, 2, 2, 40, 16, 16, seed=127))
+    pairs = torch.tensor([[0, 1], [1, 0]], device=device)
+    rows = torch.arange(40, device=device)
+    g = torch.randn(1, 2, 40, generator=torch.Generator().manual_seed(4)).to(device)
+    with _NoSync():
+        kl, ls, lt = K.attention_kl_forward(q_s, k_s, q_t, k_t, pairs, rows, None, 0.25, 0.25, reverse, None, None)
+        dq, dk = K.attention_kl_backward(g, q_s, k_s, q_t, k_t, pairs, rows, None, 0.25, 0.25, reverse, ls, lt, kl,
+                                         unique_heads=True, unique_rows=True)
+    want = oracle([x.cpu() for x in (q_s, k_s, q_t, k_t)], upstream=True, pairs=[(0, 1), (1, 0)],
+                  direction="reverse" if reverse else "forward")
+    assert_close_rel(kl.cpu(), want[0], 2e-5, "kl")
+    with pytest.raises(AssertionError, match="synchronisation"), _NoSync():  # the detector does detect
+        K.attention_kl_backward(g, q_s, k_s, q_t, k_t, pairs, rows, None, 0.25, 0.25, reverse, ls, lt, kl)
