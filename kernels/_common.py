@@ -1,10 +1,13 @@
-"""Helpers shared by the Triton launchers: interpreter detection, block sizes, dtype handling."""
+"""Helpers shared by the Triton launchers and kernels: interpreter detection, tile sizes and launch splits, dtype
+handling, the tile loader."""
 
 from __future__ import annotations
 
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 
 def interpret() -> bool:
@@ -37,3 +40,69 @@ def device_guard(t: torch.Tensor):
     import contextlib
 
     return contextlib.nullcontext()
+
+
+def blocks(R: int, N: int, fp32: bool = False) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the full tiles. Compiled: 64 x 64 (32 x 32 for fp32 inputs, whose IEEE dots on
+    CUDA cores would spill at 64 x 64). The interpreter runs each tile as numpy and prefers few tiles, but
+    keeps at least one full tile and a tail for small shapes so that both code paths run in the tests."""
+    if interpret():
+        return max(16, min(64, next_pow2(R) // 2)), max(16, min(64, next_pow2(N) // 2))
+    return (32, 32) if fp32 else (64, 64)
+
+
+def tail_block(length: int, block: int) -> int:
+    """Width of the peeled tail tile of a dimension of ``length`` streamed in ``block``s (0: no tail)."""
+    rem = length % block
+    return 0 if rem == 0 else max(16, next_pow2(rem))
+
+
+def warps_for(bm: int, bn: int) -> int:
+    """4 warps for a 64 x 64 tile; fewer for the narrow tail launches (one warp per 16 x 64 elements)."""
+    return max(1, min(4, bm * bn // 1024))
+
+
+def splits(length: int, block: int) -> list[tuple[int, int, int, bool]]:
+    """The launches along a program dimension: ``(first index, programs, block, is_tail)`` -- full blocks, then
+    one narrow block for the remainder, so that a remainder never costs a full block."""
+    full = length // block
+    out = [(0, full, block, False)] if full else []
+    if length % block:
+        out.append((full * block, 1, tail_block(length, block), True))
+    return out
+
+
+def precision(tensors, allow_tf32: bool = False) -> str:
+    """tl.dot input precision: IEEE fp32 for fp32 inputs unless ``allow_tf32`` (TF32 tensor cores)."""
+    if interpret():
+        return "ieee"
+    if any(t.dtype == torch.float32 for t in tensors):
+        return "tf32" if allow_tf32 else "ieee"
+    return "tf32"  # unused for fp16/bf16 tiles (tensor cores take them as they are)
+
+
+@triton.jit
+def tile(ptr, base, idx, ok, offs_d, D, stride_r, stride_d, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+         UPCAST: tl.constexpr, TRANS: tl.constexpr):
+    # rows idx of a [rows, D] matrix: [W, D], or [D, W] if TRANS; masked rows / padded head-dim columns read as 0
+    if TRANS:
+        ptrs = ptr + base + idx[None, :] * stride_r + offs_d[:, None] * stride_d
+        row_m = ok[None, :]
+        col_m = offs_d[:, None] < D
+    else:
+        ptrs = ptr + base + idx[:, None] * stride_r + offs_d[None, :] * stride_d
+        row_m = ok[:, None]
+        col_m = offs_d[None, :] < D
+    if MASKED:
+        if EVEN_D:
+            x = tl.load(ptrs, mask=row_m, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_m & col_m, other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=col_m, other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x

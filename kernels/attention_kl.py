@@ -15,11 +15,15 @@ import torch
 import triton
 import triton.language as tl
 
+from fastkd.kernels._common import blocks
 from fastkd.kernels._common import device_guard
 from fastkd.kernels._common import head_block
-from fastkd.kernels._common import interpret
-from fastkd.kernels._common import next_pow2
+from fastkd.kernels._common import precision
+from fastkd.kernels._common import splits
+from fastkd.kernels._common import tail_block
+from fastkd.kernels._common import tile as _tile
 from fastkd.kernels._common import upcast_inputs
+from fastkd.kernels._common import warps_for
 
 # ---------------------------------------------------------------------------------------------------------
 # Math. Per (batch b, head pair p, query row i), with student logits s_j = scale_s * q_s,i . k_s,j and teacher
@@ -49,33 +53,6 @@ LN2 = tl.constexpr(0.6931471805599453)
 # bare ex2 (tl.exp2). Each loop runs over full tiles without bounds masks; the last, partial tile along the
 # streamed dimension is peeled out of the loop and is only as wide as it needs to be (BLOCK_T). A partial block
 # of the program's own dimension (rows for forward/dQ, keys for dK) is a second launch with a narrow block.
-
-
-@triton.jit
-def _tile(ptr, base, idx, ok, offs_d, D, stride_r, stride_d, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
-          UPCAST: tl.constexpr, TRANS: tl.constexpr):
-    # rows idx of a [rows, D] matrix: [W, D], or [D, W] if TRANS; masked rows / padded head-dim columns read as 0
-    if TRANS:
-        ptrs = ptr + base + idx[None, :] * stride_r + offs_d[:, None] * stride_d
-        row_m = ok[None, :]
-        col_m = offs_d[:, None] < D
-    else:
-        ptrs = ptr + base + idx[:, None] * stride_r + offs_d[None, :] * stride_d
-        row_m = ok[:, None]
-        col_m = offs_d[None, :] < D
-    if MASKED:
-        if EVEN_D:
-            x = tl.load(ptrs, mask=row_m, other=0.0)
-        else:
-            x = tl.load(ptrs, mask=row_m & col_m, other=0.0)
-    else:
-        if EVEN_D:
-            x = tl.load(ptrs)
-        else:
-            x = tl.load(ptrs, mask=col_m, other=0.0)
-    if UPCAST:
-        x = x.to(tl.float32)
-    return x
 
 
 @triton.jit
@@ -413,44 +390,6 @@ def _attention_kl_bwd_dk_kernel(
 # ------------------------------------------------------------------------------------------------- launchers
 
 
-def blocks(R: int, N: int, fp32: bool = False) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of the full tiles. Compiled: 64 x 64 (32 x 32 for fp32 inputs, whose IEEE dots on
-    CUDA cores would spill at 64 x 64). The interpreter runs each tile as numpy and prefers few tiles, but
-    keeps at least one full tile and a tail for small shapes so that both code paths run in the tests."""
-    if interpret():
-        return max(16, min(64, next_pow2(R) // 2)), max(16, min(64, next_pow2(N) // 2))
-    return (32, 32) if fp32 else (64, 64)
-
-
-def tail_block(length: int, block: int) -> int:
-    """Width of the peeled tail tile of a dimension of ``length`` streamed in ``block``s (0: no tail)."""
-    rem = length % block
-    return 0 if rem == 0 else max(16, next_pow2(rem))
-
-
-def warps_for(bm: int, bn: int) -> int:
-    """4 warps for a 64 x 64 tile; fewer for the narrow tail launches (one warp per 16 x 64 elements)."""
-    return max(1, min(4, bm * bn // 1024))
-
-
-def splits(length: int, block: int) -> list[tuple[int, int, int, bool]]:
-    """The launches along a program dimension: ``(first index, programs, block, is_tail)`` -- full blocks, then
-    one narrow block for the remainder, so that a remainder never costs a full block."""
-    full = length // block
-    out = [(0, full, block, False)] if full else []
-    if length % block:
-        out.append((full * block, 1, tail_block(length, block), True))
-    return out
-
-
-def _precision(tensors, allow_tf32: bool) -> str:
-    if interpret():
-        return "ieee"
-    if any(t.dtype == torch.float32 for t in tensors):
-        return "tf32" if allow_tf32 else "ieee"
-    return "tf32"  # unused for fp16/bf16 tiles (tensor cores take them as they are)
-
-
 def _strides4(x: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(x.stride())  # type: ignore[return-value]
 
@@ -496,7 +435,7 @@ def attention_kl_forward(q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, sca
     la_strides = la.stride() if lse_a is not None else (0, 0, 0)
     lb_strides = lb.stride() if lse_b is not None else (0, 0, 0)
     upcast = upcast_inputs(q_s, q_t)
-    BLOCK_M, BLOCK_N = blocks(R, N, fp32=upcast and not interpret())
+    BLOCK_M, BLOCK_N = blocks(R, N, fp32=upcast)
     with device_guard(q_s):
         for row0, programs, bm, tail in splits(R, BLOCK_M):
             _attention_kl_fwd_kernel[(programs, B * P)](
@@ -507,8 +446,9 @@ def attention_kl_forward(q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, sca
                 N, R, P, DS, DT, float(scale_s) * LOG2E, float(scale_t) * LOG2E, row0,
                 BLOCK_M=bm, BLOCK_N=BLOCK_N, BLOCK_T=tail_block(N, BLOCK_N), ROW_TAIL=tail,
                 BLOCK_DS=head_block(DS), BLOCK_DT=head_block(DT), EVEN_DS=head_block(DS) == DS,
-                EVEN_DT=head_block(DT) == DT, HAS_MASK=has_mask, HAS_LSE_A=lse_a is not None, HAS_LSE_B=lse_b is not None, REVERSE=bool(reverse),
-                UPCAST=upcast, PRECISION=_precision((q_s, q_t), allow_tf32), num_warps=warps_for(bm, BLOCK_N),
+                EVEN_DT=head_block(DT) == DT, HAS_MASK=has_mask, HAS_LSE_A=lse_a is not None,
+                HAS_LSE_B=lse_b is not None, REVERSE=bool(reverse),
+                UPCAST=upcast, PRECISION=precision((q_s, q_t), allow_tf32), num_warps=warps_for(bm, BLOCK_N),
             )  # fmt: skip
     return kl, out_s, out_t
 
@@ -560,11 +500,11 @@ def attention_kl_backward(grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale
         mask, smb, smn, has_mask = _mask_args(key_mask, pairs32)
         grad = grad.to(torch.float32).contiguous()
         upcast = upcast_inputs(q_s, q_t)
-        BLOCK_M, BLOCK_N = blocks(R, N, fp32=upcast and not interpret())
+        BLOCK_M, BLOCK_N = blocks(R, N, fp32=upcast)
         common = dict(
             BLOCK_DS=head_block(DS), BLOCK_DT=head_block(DT), EVEN_DS=head_block(DS) == DS,
             EVEN_DT=head_block(DT) == DT, HAS_MASK=has_mask, REVERSE=bool(reverse),
-            UPCAST=upcast, PRECISION=_precision((q_s, q_t), allow_tf32), DIRECT=direct,
+            UPCAST=upcast, PRECISION=precision((q_s, q_t), allow_tf32), DIRECT=direct,
         )  # fmt: skip
         args = (
             *_strides4(q_s), *_strides4(k_s), *_strides4(q_t), *_strides4(k_t), smb, smn,

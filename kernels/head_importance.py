@@ -15,174 +15,119 @@ import torch
 import triton
 import triton.language as tl
 
+from fastkd.kernels._common import blocks
 from fastkd.kernels._common import device_guard
 from fastkd.kernels._common import head_block
-from fastkd.kernels._common import interpret
-from fastkd.kernels._common import next_pow2
+from fastkd.kernels._common import precision
+from fastkd.kernels._common import splits
+from fastkd.kernels._common import tail_block
+from fastkd.kernels._common import tile as _tile
 from fastkd.kernels._common import upcast_inputs
+from fastkd.kernels._common import warps_for
 
 # ---------------------------------------------------------------------------------------------------------
 # Math. Per (batch b, head h, query row i), logits s_j = scale q_i . k_j, P_ij = exp(s_j - lse_i).
 #
-# attribution (SCORE=0):  a_i = sum_j |P_ij * dP_ij|,  dP_ij = dO_i . v_j   (= dL/dP_ij when O = P V)
-#     needs the row's LSE first: either given, or a first pass over key blocks with a running max m and
-#     Z = sum e^(s - m) (rescaled by e^(m_old - m_new) when m grows); lse = m + ln Z. The second pass
-#     recomputes each tile of P from the LSE and accumulates |P * (dO V^T)|.
+# attribution (SCORE=0):  a_i = sum_j |P_ij * dP_ij| = sum_j P_ij |dP_ij|   (P >= 0),  dP_ij = dO_i . v_j
 # entropy (SCORE=1):      H_i = -sum_j P_ij log P_ij = lse_i - sum_j P_ij s_j
-#     one pass: with a given LSE, accumulate sum e^(s - lse) s; otherwise keep m, Z and A = sum e^(s - m) s
-#     (both rescaled when m grows) and finish with H = m + ln Z - A / Z.
+# Both in one online pass over key blocks: a running max m, Z = sum e^(s - m) and A = sum e^(s - m) w_j
+# (w = |dP| or s), rescaled by e^(m_old - m_new) when m grows; a = A / Z, H = m + ln Z - A / Z. A given LSE
+# fixes m = lse (no rescaling). Inside the kernel logits and LSEs are in log2 units (log2(e) folded into the
+# scale, bare ex2); the main loop runs over full tiles without masks, the partial last tile is peeled and narrow.
 # Per-row results go to a [B*H, N] fp32 buffer; the per-head sums / means are a tiny torch reduction
 # (deterministic, no atomics).
 # ---------------------------------------------------------------------------------------------------------
 
-NEG_BIG = tl.constexpr(-1.0e30)  # finite running-max start: e^(m_old - m_new) never sees (-inf) - (-inf)
+NEG_BIG = tl.constexpr(-1.0e30)  # finite running-max start: 2^(m_old - m_new) never sees (-inf) - (-inf)
+LOG2E = 1.4426950408889634
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _load_tile(ptr, base, offs_r, r_ok, offs_d, D, stride_r, stride_d, UPCAST: tl.constexpr):
-    # [R, D] tile of rows offs_r (masked rows / padded head-dim columns read as 0)
-    x = tl.load(
-        ptr + base + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d,
-        mask=r_ok[:, None] & (offs_d[None, :] < D),
-        other=0.0,
-    )
-    if UPCAST:
-        x = x.to(tl.float32)
-    return x
-
-
-@triton.jit
-def _load_tile_t(ptr, base, offs_r, r_ok, offs_d, D, stride_r, stride_d, UPCAST: tl.constexpr):
-    # transposed [D, R] tile, ready as the right operand of q @ k^T
-    x = tl.load(
-        ptr + base + offs_r[None, :] * stride_r + offs_d[:, None] * stride_d,
-        mask=r_ok[None, :] & (offs_d[:, None] < D),
-        other=0.0,
-    )
-    if UPCAST:
-        x = x.to(tl.float32)
-    return x
+def _hi_tile(q, do, K, V, k_base, v_base, start_n, N, D, DV, stride_kn, stride_kd, stride_vn, stride_vd, scale,
+             offs_d, offs_dv, m_i, z_i, a_i, WIDTH: tl.constexpr, MASKED: tl.constexpr, SCORE: tl.constexpr,
+             HAS_LSE: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    offs_n = start_n + tl.arange(0, WIDTH)
+    key_ok = offs_n < N
+    kt = _tile(K, k_base, offs_n, key_ok, offs_d, D, stride_kn, stride_kd, MASKED, EVEN_D, UPCAST, True)
+    s = tl.dot(q, kt, input_precision=PRECISION) * scale  # log2 units
+    if SCORE == 0:
+        vt = _tile(V, v_base, offs_n, key_ok, offs_dv, DV, stride_vn, stride_vd, MASKED, EVEN_D, UPCAST, True)
+        w = tl.abs(tl.dot(do, vt, input_precision=PRECISION))
+    else:
+        w = s
+    if MASKED:
+        w = tl.where(key_ok[None, :], w, 0.0)
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+    if HAS_LSE:
+        e = tl.exp2(s - m_i[:, None])
+        z_i += tl.sum(e, 1)
+        a_i += tl.sum(e * w, 1)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        e = tl.exp2(s - m_new[:, None])
+        z_i = z_i * alpha + tl.sum(e, 1)
+        a_i = a_i * alpha + tl.sum(e * w, 1)
+        m_i = m_new
+    return m_i, z_i, a_i
 
 
 @triton.jit
 def _head_importance_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    OUT,  #
-    stride_qb,
-    stride_qh,
-    stride_qn,
-    stride_qd,  #
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,  #
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_vd,  #
-    stride_ob,
-    stride_oh,
-    stride_on,
-    stride_od,  #
-    stride_lb,
-    stride_lh,
-    stride_ln,  #
-    H,
-    N,
-    D,
-    DV,
-    scale,  #
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,  #
-    SCORE: tl.constexpr,
-    HAS_LSE: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,  #
+    Q, K, V, DO, LSE, OUT,  #
+    stride_qb, stride_qh, stride_qn, stride_qd,  #
+    stride_kb, stride_kh, stride_kn, stride_kd,  #
+    stride_vb, stride_vh, stride_vn, stride_vd,  #
+    stride_ob, stride_oh, stride_on, stride_od,  #
+    stride_lb, stride_lh, stride_ln,  #
+    H, N, D, DV, scale, ROW0,  #
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, ROW_TAIL: tl.constexpr,  #
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr,  #
+    SCORE: tl.constexpr, HAS_LSE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,  #
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = ROW0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < N
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_tile(Q, b * stride_qb + h * stride_qh, offs_m, row_ok, offs_d, D, stride_qn, stride_qd, UPCAST)
+    q = _tile(Q, b * stride_qb + h * stride_qh, offs_m, row_ok, offs_d, D, stride_qn, stride_qd, ROW_TAIL, EVEN_D,
+              UPCAST, False)
+    if SCORE == 0:
+        do = _tile(DO, b * stride_ob + h * stride_oh, offs_m, row_ok, offs_dv, DV, stride_on, stride_od, ROW_TAIL,
+                   EVEN_D, UPCAST, False)
+    else:
+        do = q  # unused
     k_base = b * stride_kb + h * stride_kh
-
+    v_base = b * stride_vb + h * stride_vh
     if HAS_LSE:
-        lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_m * stride_ln, mask=row_ok, other=0.0)
-        lse = lse.to(tl.float32)
+        m_i = tl.load(LSE + b * stride_lb + h * stride_lh + offs_m * stride_ln, mask=row_ok, other=0.0)
+        m_i = m_i.to(tl.float32) * 1.4426950408889634
     else:
         m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
-        z_i = tl.zeros([BLOCK_M], tl.float32)
-        a_i = tl.zeros([BLOCK_M], tl.float32)
-        for start_n in range(0, N, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            key_ok = offs_n < N
-            kt = _load_tile_t(K, k_base, offs_n, key_ok, offs_d, D, stride_kn, stride_kd, UPCAST)
-            s = tl.dot(q, kt, input_precision=PRECISION) * scale
-            valid = key_ok[None, :]
-            s_inf = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s_inf, 1))
-            alpha = tl.exp(m_i - m_new)
-            e = tl.exp(s_inf - m_new[:, None])
-            z_i = z_i * alpha + tl.sum(e, 1)
-            if SCORE == 1:
-                a_i = a_i * alpha + tl.sum(e * tl.where(valid, s, 0.0), 1)
-            m_i = m_new
-        lse = m_i + tl.log(tl.where(z_i > 0.0, z_i, 1.0))
-
+    z_i = tl.zeros([BLOCK_M], tl.float32)
+    a_i = tl.zeros([BLOCK_M], tl.float32)
+    n_full = N - N % BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        m_i, z_i, a_i = _hi_tile(q, do, K, V, k_base, v_base, start_n, N, D, DV, stride_kn, stride_kd, stride_vn,
+                                 stride_vd, scale, offs_d, offs_dv, m_i, z_i, a_i, BLOCK_N, False, SCORE, HAS_LSE,
+                                 EVEN_D, UPCAST, PRECISION)
+    if BLOCK_T > 0:
+        m_i, z_i, a_i = _hi_tile(q, do, K, V, k_base, v_base, n_full, N, D, DV, stride_kn, stride_kd, stride_vn,
+                                 stride_vd, scale, offs_d, offs_dv, m_i, z_i, a_i, BLOCK_T, True, SCORE, HAS_LSE,
+                                 EVEN_D, UPCAST, PRECISION)
+    safe_z = tl.where(z_i > 0.0, z_i, 1.0)
     if SCORE == 0:
-        do = _load_tile(DO, b * stride_ob + h * stride_oh, offs_m, row_ok, offs_dv, DV, stride_on, stride_od, UPCAST)
-        v_base = b * stride_vb + h * stride_vh
-        acc = tl.zeros([BLOCK_M], tl.float32)
-        for start_n in range(0, N, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            key_ok = offs_n < N
-            kt = _load_tile_t(K, k_base, offs_n, key_ok, offs_d, D, stride_kn, stride_kd, UPCAST)
-            vt = _load_tile_t(V, v_base, offs_n, key_ok, offs_dv, DV, stride_vn, stride_vd, UPCAST)
-            s = tl.dot(q, kt, input_precision=PRECISION) * scale
-            p = tl.where(key_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, vt, input_precision=PRECISION)
-            acc += tl.sum(tl.abs(p * dp), 1)
-        res = acc
+        res = a_i / safe_z
     else:
-        if HAS_LSE:
-            acc = tl.zeros([BLOCK_M], tl.float32)
-            for start_n in range(0, N, BLOCK_N):
-                offs_n = start_n + tl.arange(0, BLOCK_N)
-                key_ok = offs_n < N
-                kt = _load_tile_t(K, k_base, offs_n, key_ok, offs_d, D, stride_kn, stride_kd, UPCAST)
-                s = tl.dot(q, kt, input_precision=PRECISION) * scale
-                s = tl.where(key_ok[None, :], s, 0.0)
-                p = tl.where(key_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
-                acc += tl.sum(p * s, 1)
-            res = lse - acc
-        else:
-            res = lse - a_i / tl.where(z_i > 0.0, z_i, 1.0)
+        res = (m_i + tl.log2(safe_z) - a_i / safe_z) * LN2
     tl.store(OUT + pid_bh.to(tl.int64) * N + offs_m, res, mask=row_ok)
 
 
 # ------------------------------------------------------------------------------------------------- launchers
-
-
-def _blocks(N: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): 64-wide tiles on GPUs (N=197 pads to 256 keys); the interpreter runs
-    each tile as numpy, so it prefers few, larger tiles."""
-    if interpret():
-        return max(16, min(64, next_pow2(N))), max(16, min(128, next_pow2(N))), 4
-    return max(16, min(64, next_pow2(N))), 64, 4
-
-
-def _precision(*tensors: torch.Tensor) -> str:
-    return "ieee" if any(t.dtype == torch.float32 for t in tensors) or interpret() else "tf32"
 
 
 def _launch(score: int, q, k, v, do, lse, scale: float) -> torch.Tensor:
@@ -195,18 +140,20 @@ def _launch(score: int, q, k, v, do, lse, scale: float) -> torch.Tensor:
     do_ = do if do is not None else q
     lse_ = lse if has_lse else out
     DV = v_.shape[-1]
-    BLOCK_M, BLOCK_N, warps = _blocks(N)
-    grid = (triton.cdiv(N, BLOCK_M), B * H)
+    upcast = upcast_inputs(q, k, v_, do_)
+    BLOCK_M, BLOCK_N = blocks(N, N, fp32=upcast)
     with device_guard(q):
-        _head_importance_kernel[grid](
-            q, k, v_, do_, lse_, out,
-            *q.stride(), *k.stride(), *v_.stride(), *do_.stride(),
-            *(lse_.stride() if has_lse else (0, 0, 0)),
-            H, N, D, DV, float(scale),
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=head_block(D), BLOCK_DV=head_block(DV),
-            SCORE=score, HAS_LSE=has_lse, UPCAST=upcast_inputs(q, k, v_, do_), PRECISION=_precision(q, k, v_, do_),
-            num_warps=warps,
-        )  # fmt: skip
+        for row0, programs, bm, tail in splits(N, BLOCK_M):
+            _head_importance_kernel[(programs, B * H)](
+                q, k, v_, do_, lse_, out,
+                *q.stride(), *k.stride(), *v_.stride(), *do_.stride(),
+                *(lse_.stride() if has_lse else (0, 0, 0)),
+                H, N, D, DV, float(scale) * LOG2E, row0,
+                BLOCK_M=bm, BLOCK_N=BLOCK_N, BLOCK_T=tail_block(N, BLOCK_N), ROW_TAIL=tail,
+                BLOCK_D=head_block(D), BLOCK_DV=head_block(DV), EVEN_D=head_block(D) == D and head_block(DV) == DV,
+                SCORE=score, HAS_LSE=has_lse, UPCAST=upcast, PRECISION=precision((q, k, v_, do_), False),
+                num_warps=warps_for(bm, BLOCK_N),
+            )  # fmt: skip
     return out
 
 
