@@ -106,3 +106,21 @@ def tile(ptr, base, idx, ok, offs_d, D, stride_r, stride_d, MASKED: tl.constexpr
     if UPCAST:
         x = x.to(tl.float32)
     return x
+
+
+@triton.jit
+def online_step(logits, w, m, z, acc, FIXED_MAX: tl.constexpr):
+    # one tile of an online softmax-weighted sum, log2 units: z = sum 2^(l - m), acc = sum 2^(l - m) w, rescaled
+    # when the running max m grows; FIXED_MAX: m is a given LSE (no max, no rescaling)
+    if FIXED_MAX:
+        e = tl.exp2(logits - m[:, None])
+        z += tl.sum(e, 1)
+        acc += tl.sum(e * w, 1)
+    else:
+        m_new = tl.maximum(m, tl.max(logits, 1))
+        alpha = tl.exp2(m - m_new)
+        e = tl.exp2(logits - m_new[:, None])
+        z = z * alpha + tl.sum(e, 1)
+        acc = acc * alpha + tl.sum(e * w, 1)
+        m = m_new
+    return m, z, acc

@@ -18,6 +18,7 @@ import triton.language as tl
 from fastkd.kernels._common import blocks
 from fastkd.kernels._common import device_guard
 from fastkd.kernels._common import head_block
+from fastkd.kernels._common import online_step
 from fastkd.kernels._common import precision
 from fastkd.kernels._common import splits
 from fastkd.kernels._common import tail_block
@@ -66,6 +67,23 @@ def _keep(MASK, b, stride_mb, stride_mn, offs_n, key_ok, TAIL: tl.constexpr):
 
 
 @triton.jit
+def _row_block(QS, QT, ROWS, offs_m, R, b, hs, ht, offs_ds, offs_dt, DS, DT,
+               stride_qsb, stride_qsh, stride_qsn, stride_qsd, stride_qtb, stride_qth, stride_qtn, stride_qtd,
+               MASKED: tl.constexpr, EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr, UPCAST: tl.constexpr):
+    # the program's query rows (positions offs_m into ROWS): row indices, in-range flags, q_s and q_t tiles
+    row_ok = offs_m < R
+    if MASKED:
+        rows = tl.load(ROWS + offs_m, mask=row_ok, other=0).to(tl.int64)
+    else:
+        rows = tl.load(ROWS + offs_m).to(tl.int64)
+    qs = _tile(QS, b * stride_qsb + hs * stride_qsh, rows, row_ok, offs_ds, DS, stride_qsn, stride_qsd,
+               MASKED, EVEN_DS, UPCAST, False)
+    qt = _tile(QT, b * stride_qtb + ht * stride_qth, rows, row_ok, offs_dt, DT, stride_qtn, stride_qtd,
+               MASKED, EVEN_DT, UPCAST, False)
+    return rows, row_ok, qs, qt
+
+
+@triton.jit
 def _fwd_tile(qs, qt, ks, kt, scale_s, scale_t, valid, m_a, m_b, z_a, z_b, acc,
               MASKED: tl.constexpr, HAS_LSE_A: tl.constexpr, HAS_LSE_B: tl.constexpr, REVERSE: tl.constexpr,
               PRECISION: tl.constexpr):
@@ -83,17 +101,7 @@ def _fwd_tile(qs, qt, ks, kt, scale_s, scale_t, valid, m_a, m_b, z_a, z_b, acc,
         diff = tl.where(valid[None, :], diff, 0.0)
         la = tl.where(valid[None, :], la, float("-inf"))
         lb = tl.where(valid[None, :], lb, float("-inf"))
-    if HAS_LSE_A:
-        e_a = tl.exp2(la - m_a[:, None])
-        z_a += tl.sum(e_a, 1)
-        acc += tl.sum(e_a * diff, 1)
-    else:
-        m_new = tl.maximum(m_a, tl.max(la, 1))
-        alpha = tl.exp2(m_a - m_new)
-        e_a = tl.exp2(la - m_new[:, None])
-        z_a = z_a * alpha + tl.sum(e_a, 1)
-        acc = acc * alpha + tl.sum(e_a * diff, 1)
-        m_a = m_new
+    m_a, z_a, acc = online_step(la, diff, m_a, z_a, acc, HAS_LSE_A)
     if not HAS_LSE_B:
         m_new_b = tl.maximum(m_b, tl.max(lb, 1))
         z_b = z_b * tl.exp2(m_b - m_new_b) + tl.sum(tl.exp2(lb - m_new_b[:, None]), 1)
@@ -125,17 +133,12 @@ def _attention_kl_fwd_kernel(
     hs = tl.load(PAIRS + 2 * p).to(tl.int64)
     ht = tl.load(PAIRS + 2 * p + 1).to(tl.int64)
     offs_m = ROW0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < R
-    if ROW_TAIL:
-        rows = tl.load(ROWS + offs_m, mask=row_ok, other=0).to(tl.int64)
-    else:
-        rows = tl.load(ROWS + offs_m).to(tl.int64)
     offs_ds = tl.arange(0, BLOCK_DS)
     offs_dt = tl.arange(0, BLOCK_DT)
-    qs = _tile(QS, b * stride_qsb + hs * stride_qsh, rows, row_ok, offs_ds, DS, stride_qsn, stride_qsd,
-               ROW_TAIL, EVEN_DS, UPCAST, False)
-    qt = _tile(QT, b * stride_qtb + ht * stride_qth, rows, row_ok, offs_dt, DT, stride_qtn, stride_qtd,
-               ROW_TAIL, EVEN_DT, UPCAST, False)
+    rows, row_ok, qs, qt = _row_block(QS, QT, ROWS, offs_m, R, b, hs, ht, offs_ds, offs_dt, DS, DT,
+                                      stride_qsb, stride_qsh, stride_qsn, stride_qsd,
+                                      stride_qtb, stride_qth, stride_qtn, stride_qtd,
+                                      ROW_TAIL, EVEN_DS, EVEN_DT, UPCAST)
     ks_base = b * stride_ksb + hs * stride_ksh
     kt_base = b * stride_ktb + ht * stride_kth
     # which head the given LSEs are read from: a = t, b = s (forward) or a = s, b = t (reverse)
@@ -260,17 +263,12 @@ def _attention_kl_bwd_dq_kernel(
     hs = tl.load(PAIRS + 2 * p).to(tl.int64)
     ht = tl.load(PAIRS + 2 * p + 1).to(tl.int64)
     offs_m = OWN0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < R
-    if OWN_TAIL:
-        rows = tl.load(ROWS + offs_m, mask=row_ok, other=0).to(tl.int64)
-    else:
-        rows = tl.load(ROWS + offs_m).to(tl.int64)
     offs_ds = tl.arange(0, BLOCK_DS)
     offs_dt = tl.arange(0, BLOCK_DT)
-    qs = _tile(QS, b * stride_qsb + hs * stride_qsh, rows, row_ok, offs_ds, DS, stride_qsn, stride_qsd,
-               OWN_TAIL, EVEN_DS, UPCAST, False)
-    qt = _tile(QT, b * stride_qtb + ht * stride_qth, rows, row_ok, offs_dt, DT, stride_qtn, stride_qtd,
-               OWN_TAIL, EVEN_DT, UPCAST, False)
+    rows, row_ok, qs, qt = _row_block(QS, QT, ROWS, offs_m, R, b, hs, ht, offs_ds, offs_dt, DS, DT,
+                                      stride_qsb, stride_qsh, stride_qsn, stride_qsd,
+                                      stride_qtb, stride_qth, stride_qtn, stride_qtd,
+                                      OWN_TAIL, EVEN_DS, EVEN_DT, UPCAST)
     ks_base = b * stride_ksb + hs * stride_ksh
     kt_base = b * stride_ktb + ht * stride_kth
     row_out = pid_bp.to(tl.int64) * R + offs_m

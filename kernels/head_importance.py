@@ -18,6 +18,7 @@ import triton.language as tl
 from fastkd.kernels._common import blocks
 from fastkd.kernels._common import device_guard
 from fastkd.kernels._common import head_block
+from fastkd.kernels._common import online_step
 from fastkd.kernels._common import precision
 from fastkd.kernels._common import splits
 from fastkd.kernels._common import tail_block
@@ -59,18 +60,7 @@ def _hi_tile(q, do, K, V, k_base, v_base, start_n, N, D, DV, stride_kn, stride_k
     if MASKED:
         w = tl.where(key_ok[None, :], w, 0.0)
         s = tl.where(key_ok[None, :], s, float("-inf"))
-    if HAS_LSE:
-        e = tl.exp2(s - m_i[:, None])
-        z_i += tl.sum(e, 1)
-        a_i += tl.sum(e * w, 1)
-    else:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        e = tl.exp2(s - m_new[:, None])
-        z_i = z_i * alpha + tl.sum(e, 1)
-        a_i = a_i * alpha + tl.sum(e * w, 1)
-        m_i = m_new
-    return m_i, z_i, a_i
+    return online_step(s, w, m_i, z_i, a_i, HAS_LSE)
 
 
 @triton.jit
