@@ -22,6 +22,7 @@ Timing model (per kernel, at the launch's grid scaled to the benchmark batch):
     tensor     : MMA FLOP per SM / (dense peak / SMs)
     memory     : HBM bytes (each input read once, outputs written once; re-reads of K tiles hit L2) / bandwidth
     predicted  = max(issue, exp, tensor, memory) + launch overhead
+    (the fused backward's fp32 dQ atomics are counted as issued instructions; their L2 throughput is not modelled)
     bound      = max(exp, tensor, memory)  -- the design's own bound: its own exps, MMA and bytes, free issue
 
 The floor is PERFORMANCE.md's (``benchmarks/attention_kl.py``: 4 exponentials per element for forward +
@@ -44,8 +45,6 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
-from dataclasses import field
 from pathlib import Path
 
 import torch
@@ -82,15 +81,12 @@ TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.flo
 # ------------------------------------------------------------------------------ compile as the launchers do
 
 
-@dataclass
 class Launch:
-    """One kernel launch as the launcher made it (compiled, not run)."""
+    """One kernel launch as the launcher made it (compiled, not run). Plain classes here: the script is also
+    loaded by path (``fastkd bench``), where dataclasses cannot resolve their module."""
 
-    name: str
-    kernel: object  # triton CompiledKernel
-    grid: tuple[int, ...]
-    constexprs: dict
-    num_warps: int
+    def __init__(self, name: str, kernel, grid: tuple[int, ...], constexprs: dict, num_warps: int):
+        self.name, self.kernel, self.grid, self.constexprs, self.num_warps = name, kernel, grid, constexprs, num_warps
 
 
 class _StubDriver:
@@ -148,7 +144,7 @@ def timm_qk(B: int, H: int, N: int, d: int, dtype: torch.dtype) -> tuple[torch.T
 
 
 def attention_kl_launches(arch: int, N: int, dtype: str, H: int = 6, d: int = 64, B: int = 2, reverse: bool = False,
-                          given_lse: bool = False) -> list[Launch]:
+                          given_lse: bool = False, deterministic: bool = True) -> list[Launch]:
     """Compile forward + backward of attention_kl as one training step launches them (all heads, all rows)."""
     from fastkd.kernels import attention_kl as K
 
@@ -162,7 +158,7 @@ def attention_kl_launches(arch: int, N: int, dtype: str, H: int = 6, d: int = 64
     with compiling_for(arch) as launches:
         kl, ls, lt = K.attention_kl_forward(q_s, k_s, q_t, k_t, pairs, rows, None, scale, scale, reverse, lse, lse)
         K.attention_kl_backward(torch.empty(B, H, N), q_s, k_s, q_t, k_t, pairs, rows, None, scale, scale, reverse,
-                                ls, lt, kl)
+                                ls, lt, kl, deterministic=deterministic)
     return launches
 
 
@@ -190,15 +186,15 @@ def _tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-@dataclass
 class Sass:
-    regs: int
-    local_bytes: int
-    spill_instr: int
-    static_shared: int
-    loops: list[dict]  # innermost loops: {"instr", "mufu_ex2", "mma", "mma_flops"} per warp and trip
-    straight: dict  # the same counts for everything outside the innermost loops
-    text: str = field(repr=False, default="")
+    """Counts read from one cubin. ``loops``: the innermost loops, each {"instr", "mufu_ex2", "mma", "mma_flops"}
+    per warp and trip; ``straight``: the same counts for everything outside them."""
+
+    def __init__(self, regs: int, local_bytes: int, spill_instr: int, static_shared: int, loops: list[dict],
+                 straight: dict, text: str = ""):
+        self.regs, self.local_bytes, self.spill_instr = regs, local_bytes, spill_instr
+        self.static_shared = static_shared
+        self.loops, self.straight, self.text = loops, straight, text
 
 
 _INSTR = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;")
@@ -277,7 +273,7 @@ STREAMS = {
     "_attention_kl_fwd_kernel": ("keys", True),
     "_attention_kl_bwd_dq_kernel": ("keys", True),
     "_attention_kl_bwd_dk_kernel": ("rows", True),
-    "_head_importance_kernel": ("keys", False),
+    "_head_importance_kernel": ("keys", True),
 }
 
 
@@ -329,11 +325,13 @@ def predict(launch: Launch, counts: dict, hw: dict, batch_scale: float, hbm_byte
             "ctas": ctas, "waves": ctas / (hw["sms"] * max(occupancy, 1)), **{f"{k}_s": v for k, v in parts.items()}}
 
 
-def _attention_kl_bytes(name: str, B: int, H: int, N: int, d: int, elt: int) -> float:
+def _attention_kl_bytes(launch: Launch, B: int, H: int, N: int, d: int, elt: int) -> float:
     tensor = B * H * N * d * elt
     rows = B * H * N * 4
-    if "fwd" in name:
+    if "fwd" in launch.name:
         return 4 * tensor + 3 * rows
+    if launch.constexprs.get("FUSED"):  # + dQ in fp32: zero fill, read and cast (atomics themselves stay in L2)
+        return 4 * tensor + 4 * rows + tensor + 3 * B * H * N * d * 4 + tensor
     return 4 * tensor + 4 * rows + tensor  # inputs + saved row statistics and grad, one of dq / dk written
 
 
@@ -353,7 +351,8 @@ def is_tail(launch: Launch) -> bool:
 
 def _report_row(launch: Launch, sass: Sass, counts: dict, hw: dict, occ: int) -> dict:
     return {
-        "kernel": launch.name + (" (tail launch)" if is_tail(launch) else ""), "regs": sass.regs, "spill_bytes": sass.local_bytes, "spill_instr": sass.spill_instr,
+        "kernel": launch.name + (" (tail launch)" if is_tail(launch) else ""), "regs": sass.regs,
+        "spill_bytes": sass.local_bytes, "spill_instr": sass.spill_instr,
         "shared_bytes": launch.kernel.metadata.shared, "blocks_per_sm": occ, "warps": counts["warps"],
         "block_m": counts["block_m"], "block_n": counts["block_n"],
         "loop_instr_per_tile": counts["loop_instr_per_tile"], "instr_per_elem": round(counts["instr_per_elem"], 3),
@@ -368,8 +367,9 @@ def model_attention_kl(hw_name: str, dtypes: list[str], shapes: dict = SHAPES, v
     rows = []
     for dtype in dtypes:
         elt = torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
-        for N in shapes["N"]:
-            launches = attention_kl_launches(hw["arch"], N, dtype, H=H, d=d)
+        for N, deterministic in ((n, det) for n in shapes["N"] for det in (True, False)):
+            launches = attention_kl_launches(hw["arch"], N, dtype, H=H, d=d, deterministic=deterministic)
+            variant = "" if deterministic else " (deterministic=False: fused backward, dQ atomics)"
             cache: dict[int, Sass] = {}
             fwd = bwd = 0.0
             fwd_b = bwd_b = 0.0
@@ -378,8 +378,10 @@ def model_attention_kl(hw_name: str, dtypes: list[str], shapes: dict = SHAPES, v
                 sass = cache.setdefault(id(launch.kernel), read_sass(launch.kernel.asm["cubin"]))
                 counts = analyse(launch, sass, N, N)
                 occ = blocks_per_sm(sass.regs, launch.kernel.metadata.shared, launch.num_warps, hw)
-                pred = predict(launch, counts, hw, B / 2, _attention_kl_bytes(launch.name, B, H, N, d, elt), occ)
+                hbm = 0.0 if is_tail(launch) else _attention_kl_bytes(launch, B, H, N, d, elt)  # once per op
+                pred = predict(launch, counts, hw, B / 2, hbm, occ)
                 row = {"N": N, "dtype": dtype, **_report_row(launch, sass, counts, hw, occ)}
+                row["kernel"] += " fused" if launch.constexprs.get("FUSED") else ""
                 ms = pred["s"] * 1e3
                 row.update({
                     "predicted_ms_fwd": round(ms, 5) if "fwd" in launch.name else "",
@@ -396,7 +398,7 @@ def model_attention_kl(hw_name: str, dtypes: list[str], shapes: dict = SHAPES, v
             floor, floor_bound = floor_and_design(B, H, N, d, elt, hw_name)
             total = (fwd + bwd) * 1e3
             rows.append({
-                "kernel": "attention_kl total", "N": N, "dtype": dtype, "instr_per_elem": round(ipe, 3),  # main launches' inner loops
+                "kernel": "attention_kl total" + variant, "N": N, "dtype": dtype, "instr_per_elem": round(ipe, 3),
                 "predicted_ms_fwd": round(fwd * 1e3, 5), "predicted_ms_bwd": round(bwd * 1e3, 5),
                 "predicted_ms_total": round(total, 5), "predicted_bound_ms": round((fwd_b + bwd_b) * 1e3, 5),
                 "floor_ms": round(floor, 5), "floor_bound": floor_bound,
@@ -405,7 +407,7 @@ def model_attention_kl(hw_name: str, dtypes: list[str], shapes: dict = SHAPES, v
             })  # fmt: skip
             if verbose:
                 r = rows[-1]
-                print(f"[predicted {hw_name}] attention_kl N={N} {dtype}: fwd {r['predicted_ms_fwd']:.4f} ms, "
+                print(f"[predicted {hw_name}] attention_kl{variant} N={N} {dtype}: fwd {r['predicted_ms_fwd']:.4f} ms, "
                       f"bwd {r['predicted_ms_bwd']:.4f} ms, total {r['predicted_ms_total']:.4f} ms; floor "
                       f"{r['floor_ms']:.4f} ms ({floor_bound}); {r['predicted_fraction_of_floor']:.0%} of floor; "
                       f"{r['instr_per_elem']:.2f} warp-instr/elem", flush=True)
@@ -421,13 +423,8 @@ def model_head_importance(hw_name: str, dtypes: list[str], shapes: dict = SHAPES
         elt = torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
         for score, given in (("attribution", True), ("entropy", False)):
             for N in shapes["N"]:
-                (launch,) = head_importance_launches(hw["arch"], N, dtype, score, H=H, d=d, given_lse=given)
-                sass = read_sass(launch.kernel.asm["cubin"])
-                counts = analyse(launch, sass, N, N)
-                occ = blocks_per_sm(sass.regs, launch.kernel.metadata.shared, launch.num_warps, hw)
                 tensor = B * H * N * d * elt
                 n_in = 4 if score == "attribution" else 2
-                pred = predict(launch, counts, hw, B / 2, n_in * tensor + B * H * N * 4, occ)
                 E = B * H * N * N
                 floor_parts = {  # one exponential and one or two QK^T-sized products per element
                     "memory": (n_in * tensor + B * H * N * 4) / hw["bytes"],
@@ -435,20 +432,33 @@ def model_head_importance(hw_name: str, dtypes: list[str], shapes: dict = SHAPES
                     "tensor cores": (4 if score == "attribution" else 2) * E * d / hw["flops"],
                 }
                 floor_bound = max(floor_parts, key=floor_parts.get)
-                ms = pred["s"] * 1e3
+                floor = floor_parts[floor_bound] * 1e3
+                total = bound = 0.0
+                for launch in head_importance_launches(hw["arch"], N, dtype, score, H=H, d=d, given_lse=given):
+                    sass = read_sass(launch.kernel.asm["cubin"])
+                    counts = analyse(launch, sass, N, N)
+                    occ = blocks_per_sm(sass.regs, launch.kernel.metadata.shared, launch.num_warps, hw)
+                    share = 0.0 if is_tail(launch) else 1.0  # HBM traffic counted once, on the main launch
+                    pred = predict(launch, counts, hw, B / 2, share * (n_in * tensor + B * H * N * 4), occ)
+                    total, bound = total + pred["s"] * 1e3, bound + pred["bound_s"] * 1e3
+                    rows.append({
+                        **_report_row(launch, sass, counts, hw, occ), "N": N, "dtype": dtype,
+                        "kernel": f"head_importance {score}" + (" (tail launch)" if is_tail(launch) else ""),
+                        "predicted_ms_fwd": round(pred["s"] * 1e3, 5), "predicted_ms_bwd": "",
+                        "predicted_ms_total": round(pred["s"] * 1e3, 5),
+                        "predicted_bound_ms": round(pred["bound_s"] * 1e3, 5), "predicted_limiter": pred["limiter"],
+                        "ctas": pred["ctas"], "waves": round(pred["waves"], 2),
+                    })  # fmt: skip
                 rows.append({
-                    "kernel": f"head_importance {score}", "N": N, "dtype": dtype,
-                    **_report_row(launch, sass, counts, hw, occ),
-                    "predicted_ms_fwd": round(ms, 5), "predicted_ms_bwd": "", "predicted_ms_total": round(ms, 5),
-                    "predicted_bound_ms": round(pred["bound_s"] * 1e3, 5), "predicted_limiter": pred["limiter"],
-                    "ctas": pred["ctas"], "waves": round(pred["waves"], 2),
-                    "floor_ms": round(floor_parts[floor_bound] * 1e3, 5), "floor_bound": floor_bound,
-                    "predicted_fraction_of_floor": round(floor_parts[floor_bound] * 1e3 / ms, 4),
+                    "kernel": f"head_importance {score} total", "N": N, "dtype": dtype,
+                    "predicted_ms_fwd": round(total, 5), "predicted_ms_bwd": "", "predicted_ms_total": round(total, 5),
+                    "predicted_bound_ms": round(bound, 5), "floor_ms": round(floor, 5), "floor_bound": floor_bound,
+                    "predicted_fraction_of_floor": round(floor / total, 4),
+                    "predicted_bound_fraction_of_floor": round(floor / bound, 4),
                 })  # fmt: skip
                 if verbose:
-                    r = rows[-1]
-                    print(f"[predicted {hw_name}] head_importance {score} N={N} {dtype}: {ms:.4f} ms, "
-                          f"{r['predicted_fraction_of_floor']:.0%} of floor", flush=True)
+                    print(f"[predicted {hw_name}] head_importance {score} N={N} {dtype}: {total:.4f} ms, "
+                          f"{floor / total:.0%} of floor", flush=True)
     return rows
 
 

@@ -306,12 +306,12 @@ def _attention_kl_bwd_dq_kernel(
 
 
 @triton.jit
-def _dk_tile(QS, QT, ROWS, LSE_S, LSE_T, KL, GRAD, qs_base, qt_base, row0, bp, R, DS, DT,
-             stride_qsn, stride_qsd, stride_qtn, stride_qtd, scale_s, scale_t, ks, kt, key_ok, dk,
-             offs_ds, offs_dt, WIDTH: tl.constexpr, ROWS_MASKED: tl.constexpr, KEYS_MASKED: tl.constexpr,
-             EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr, REVERSE: tl.constexpr, UPCAST: tl.constexpr,
-             PRECISION: tl.constexpr):
-    # one [WIDTH rows, keys] tile of dK = sum_i dS_i^T q_s,i
+def _dk_tile(QS, QT, ROWS, LSE_S, LSE_T, KL, GRAD, DQ, qs_base, qt_base, dq_base, row0, bp, R, DS, DT,
+             stride_qsn, stride_qsd, stride_qtn, stride_qtd, stride_dqn, stride_dqd, scale_s, scale_t, ks, kt,
+             key_ok, dk, offs_ds, offs_dt, WIDTH: tl.constexpr, ROWS_MASKED: tl.constexpr,
+             KEYS_MASKED: tl.constexpr, EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr, REVERSE: tl.constexpr,
+             UPCAST: tl.constexpr, PRECISION: tl.constexpr, FUSED: tl.constexpr, DIRECT: tl.constexpr):
+    # one [WIDTH rows, keys] tile of dK = sum_i dS_i^T q_s,i; FUSED: also adds dS k_s into the fp32 dQ (atomics)
     MASKED: tl.constexpr = ROWS_MASKED or KEYS_MASKED
     offs_m = row0 + tl.arange(0, WIDTH)
     row_ok = offs_m < R
@@ -326,14 +326,23 @@ def _dk_tile(QS, QT, ROWS, LSE_S, LSE_T, KL, GRAD, qs_base, qt_base, row0, bp, R
     s = tl.dot(qs, ks, input_precision=PRECISION) * scale_s
     t = tl.dot(qt, kt, input_precision=PRECISION) * scale_t
     # padding rows (beyond R) count as masked, so no 0 * (inf - inf) reaches the sum over rows
-    ds = _dscores(s, t, lse_s, lse_t, g, kl, row_ok[:, None] & key_ok[None, :], MASKED, REVERSE)
-    return dk + tl.dot(tl.trans(ds.to(qs.dtype)), qs, input_precision=PRECISION)
+    ds = _dscores(s, t, lse_s, lse_t, g, kl, row_ok[:, None] & key_ok[None, :], MASKED, REVERSE).to(qs.dtype)
+    if FUSED:
+        dq = tl.dot(ds, tl.trans(ks), input_precision=PRECISION)
+        if DIRECT:
+            idx = rows
+        else:
+            idx = offs_m
+        d_ptr = DQ + dq_base + idx[:, None] * stride_dqn + offs_ds[None, :] * stride_dqd
+        tl.atomic_add(d_ptr, dq, mask=row_ok[:, None] & (offs_ds[None, :] < DS), sem="relaxed")
+    return dk + tl.dot(tl.trans(ds), qs, input_precision=PRECISION)
 
 
 @triton.jit
 def _attention_kl_bwd_dk_kernel(
-    QS, KS, QT, KT, PAIRS, ROWS, MASK, LSE_S, LSE_T, KL, GRAD, DK,  #
+    QS, KS, QT, KT, PAIRS, ROWS, MASK, LSE_S, LSE_T, KL, GRAD, DK, DQ,  #
     stride_ob, stride_oh, stride_on, stride_od,  #
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,  #
     stride_qsb, stride_qsh, stride_qsn, stride_qsd,  #
     stride_ksb, stride_ksh, stride_ksn, stride_ksd,  #
     stride_qtb, stride_qth, stride_qtn, stride_qtd,  #
@@ -343,9 +352,10 @@ def _attention_kl_bwd_dk_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, OWN_TAIL: tl.constexpr,  #
     BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr, EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr,  #
     HAS_MASK: tl.constexpr, REVERSE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,  #
-    DIRECT: tl.constexpr,  #
+    DIRECT: tl.constexpr, FUSED: tl.constexpr,  #
 ):
-    # one program per (key block, batch x pair); streams over row tiles (BLOCK_M, tail BLOCK_T)
+    # one program per (key block, batch x pair); streams over row tiles (BLOCK_M, tail BLOCK_T). FUSED: the whole
+    # backward in one pass (dS once per tile), dQ accumulated with fp32 atomics (order-dependent rounding)
     pid_n = tl.program_id(0)
     pid_bp = tl.program_id(1)
     b = (pid_bp // P).to(tl.int64)
@@ -368,16 +378,22 @@ def _attention_kl_bwd_dk_kernel(
     qt_base = b * stride_qtb + ht * stride_qth
     bp = pid_bp.to(tl.int64)
     KEYS_MASKED: tl.constexpr = OWN_TAIL or HAS_MASK
+    if DIRECT:
+        dq_base = b * stride_dqb + hs * stride_dqh
+    else:
+        dq_base = b * stride_dqb + p * stride_dqh
     dk = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
     r_full = R - R % BLOCK_M
     for start_m in range(0, r_full, BLOCK_M):
-        dk = _dk_tile(QS, QT, ROWS, LSE_S, LSE_T, KL, GRAD, qs_base, qt_base, start_m, bp, R, DS, DT,
-                      stride_qsn, stride_qsd, stride_qtn, stride_qtd, scale_s, scale_t, ks, kt, key_ok, dk,
-                      offs_ds, offs_dt, BLOCK_M, False, KEYS_MASKED, EVEN_DS, EVEN_DT, REVERSE, UPCAST, PRECISION)
+        dk = _dk_tile(QS, QT, ROWS, LSE_S, LSE_T, KL, GRAD, DQ, qs_base, qt_base, dq_base, start_m, bp, R, DS, DT,
+                      stride_qsn, stride_qsd, stride_qtn, stride_qtd, stride_dqn, stride_dqd, scale_s, scale_t, ks,
+                      kt, key_ok, dk, offs_ds, offs_dt, BLOCK_M, False, KEYS_MASKED, EVEN_DS, EVEN_DT, REVERSE,
+                      UPCAST, PRECISION, FUSED, DIRECT)
     if BLOCK_T > 0:
-        dk = _dk_tile(QS, QT, ROWS, LSE_S, LSE_T, KL, GRAD, qs_base, qt_base, r_full, bp, R, DS, DT,
-                      stride_qsn, stride_qsd, stride_qtn, stride_qtd, scale_s, scale_t, ks, kt, key_ok, dk,
-                      offs_ds, offs_dt, BLOCK_T, True, KEYS_MASKED, EVEN_DS, EVEN_DT, REVERSE, UPCAST, PRECISION)
+        dk = _dk_tile(QS, QT, ROWS, LSE_S, LSE_T, KL, GRAD, DQ, qs_base, qt_base, dq_base, r_full, bp, R, DS, DT,
+                      stride_qsn, stride_qsd, stride_qtn, stride_qtd, stride_dqn, stride_dqd, scale_s, scale_t, ks,
+                      kt, key_ok, dk, offs_ds, offs_dt, BLOCK_T, True, KEYS_MASKED, EVEN_DS, EVEN_DT, REVERSE,
+                      UPCAST, PRECISION, FUSED, DIRECT)
     if DIRECT:
         d_out = DK + b * stride_ob + hs * stride_oh + offs_n[:, None] * stride_on + offs_ds[None, :] * stride_od
     else:
@@ -446,7 +462,7 @@ def attention_kl_forward(q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, sca
                 BLOCK_DS=head_block(DS), BLOCK_DT=head_block(DT), EVEN_DS=head_block(DS) == DS,
                 EVEN_DT=head_block(DT) == DT, HAS_MASK=has_mask, HAS_LSE_A=lse_a is not None,
                 HAS_LSE_B=lse_b is not None, REVERSE=bool(reverse),
-                UPCAST=upcast, PRECISION=precision((q_s, q_t), allow_tf32), num_warps=warps_for(bm, BLOCK_N),
+                UPCAST=upcast, PRECISION=precision((q_s, q_t), allow_tf32), num_warps=warps_for(bm, BLOCK_N, upcast),
             )  # fmt: skip
     return kl, out_s, out_t
 
@@ -463,7 +479,7 @@ def head_rows_unique(pairs: torch.Tensor, rows: torch.Tensor) -> tuple[bool, boo
 
 def attention_kl_backward(grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse,
                           lse_s_rows, lse_t_rows, kl, *, unique_heads: bool | None = None,
-                          unique_rows: bool | None = None, allow_tf32: bool = False):
+                          unique_rows: bool | None = None, allow_tf32: bool = False, deterministic: bool = True):
     """Launch the two backward kernels; returns ``(dq_s, dk_s)`` in the dtypes of ``q_s, k_s``.
 
     When every pair has its own student head and the rows are distinct (the common case), each element of
@@ -472,6 +488,9 @@ def attention_kl_backward(grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale
     of fp32 buffers ``[B, P, R, d_s]`` / ``[B, P, N, d_s]`` and one index_add sums them: deterministic, no atomics.
     ``unique_heads`` / ``unique_rows``: that decision from host values (see :func:`head_rows_unique`); when
     either is None it is read from ``pairs`` / ``rows``, which synchronises if they live on the device.
+    ``deterministic=False``: one fused kernel computes dS once per tile for both gradients (4 instead of 6
+    exponentials per element for forward + backward) and adds dQ into an fp32 buffer with atomics, so its
+    rounding depends on the order the GPU runs the programs in.
     """
     B, H_s, N, DS = q_s.shape
     DT = q_t.shape[-1]
@@ -482,9 +501,11 @@ def attention_kl_backward(grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale
         unique_heads = heads_ok if unique_heads is None else unique_heads
         unique_rows = rows_ok if unique_rows is None else unique_rows
     direct = unique_heads and unique_rows
+    fused = not deterministic
     if direct:
-        covers_all = P == H_s and R == N  # every head and row written: no zero fill needed
-        dq = (torch.empty if covers_all else torch.zeros)(q_s.shape, dtype=q_s.dtype, device=dev)
+        covers_all = P == H_s and R == N and not fused  # every head and row written: no zero fill needed
+        dq_dtype = torch.float32 if fused else q_s.dtype  # atomics accumulate in fp32
+        dq = (torch.empty if covers_all else torch.zeros)(q_s.shape, dtype=dq_dtype, device=dev)
         dk = (torch.empty if P == H_s else torch.zeros)(k_s.shape, dtype=k_s.dtype, device=dev)
         dq_out, dk_out = dq, dk
     else:
@@ -509,20 +530,21 @@ def attention_kl_backward(grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale
             N, R, P, DS, DT, float(scale_s) * LOG2E, float(scale_t) * LOG2E,
         )  # fmt: skip
         with device_guard(q_s):
-            for row0, programs, bm, tail in splits(R, BLOCK_M):
+            for row0, programs, bm, tail in [] if fused else splits(R, BLOCK_M):
                 _attention_kl_bwd_dq_kernel[(programs, B * P)](
                     q_s, k_s, q_t, k_t, pairs32, rows32, mask, lse_s_rows, lse_t_rows, kl, grad, dq_out,
                     *_strides4(dq_out), *args, row0, BLOCK_M=bm, BLOCK_N=BLOCK_N, BLOCK_T=tail_block(N, BLOCK_N),
-                    OWN_TAIL=tail, num_warps=warps_for(bm, BLOCK_N), **common,
+                    OWN_TAIL=tail, num_warps=warps_for(bm, BLOCK_N, upcast), **common,
                 )  # fmt: skip
             for key0, programs, bn, tail in splits(N, BLOCK_N):
                 _attention_kl_bwd_dk_kernel[(programs, B * P)](
-                    q_s, k_s, q_t, k_t, pairs32, rows32, mask, lse_s_rows, lse_t_rows, kl, grad, dk_out,
-                    *_strides4(dk_out), *args, key0, BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_T=tail_block(R, BLOCK_M),
-                    OWN_TAIL=tail, num_warps=warps_for(BLOCK_M, bn), **common,
+                    q_s, k_s, q_t, k_t, pairs32, rows32, mask, lse_s_rows, lse_t_rows, kl, grad, dk_out, dq_out,
+                    *_strides4(dk_out), *_strides4(dq_out), *args, key0, BLOCK_M=BLOCK_M, BLOCK_N=bn,
+                    BLOCK_T=tail_block(R, BLOCK_M), OWN_TAIL=tail, FUSED=fused,
+                    num_warps=warps_for(BLOCK_M, bn, upcast), **common,
                 )  # fmt: skip
     if direct:
-        return dq, dk
+        return dq.to(q_s.dtype), dk
     hs = pairs_dev[:, 0]
     dq = torch.zeros(q_s.shape, dtype=torch.float32, device=dev)
     dq.permute(1, 2, 0, 3).index_put_(

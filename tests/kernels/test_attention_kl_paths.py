@@ -147,3 +147,31 @@ def test_launchers_do_not_synchronise(reverse):
     assert_close_rel(kl.cpu(), want[0], 2e-5, "kl")
     with pytest.raises(AssertionError, match="synchronisation"), _NoSync():  # the detector does detect
         K.attention_kl_backward(g, q_s, k_s, q_t, k_t, pairs, rows, None, 0.25, 0.25, reverse, ls, lt, kl)
+
+
+@pytest.mark.parametrize("dtype, tol_v, tol_g", DTYPES)
+@pytest.mark.parametrize(
+    "pairs, rows, direction",
+    [([(0, 1), (1, 0)], None, "forward"), ([(0, 1), (0, 0)], [3, 3, 0, 70], "reverse")],
+    ids=["unique-forward", "repeats-reverse"],
+)  # fmt: skip
+def test_fused_backward_option(dtype, tol_v, tol_g, pairs, rows, direction):
+    """deterministic=False: one fused kernel (dS once per tile, dQ by fp32 atomics), with tails in rows and
+    keys, masked keys, repeated student heads and rows -- gradients against the fp64 oracle."""
+    B, N = 2, 71
+    inputs = make_inputs(B, 2, 2, N, 16, 16, dtype_s=dtype, seed=131)
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[0, 3] = mask[1, 70] = False
+    rows_t = torch.arange(N) if rows is None else torch.tensor(rows)
+    kw = dict(pairs=pairs, key_mask=mask, direction=direction, rows=None if rows is None else rows_t)
+    want = oracle(inputs, **kw)
+    q_s, k_s, q_t, k_t = inputs
+    pairs_t, reverse = torch.tensor(pairs), direction == "reverse"
+    kl, ls, lt = K.attention_kl_forward(q_s, k_s, q_t, k_t, pairs_t, rows_t, mask, 0.25, 0.25, reverse, None, None)
+    g = torch.randn(kl.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).float()
+    got = K.attention_kl_backward(g, q_s, k_s, q_t, k_t, pairs_t, rows_t, mask, 0.25, 0.25, reverse, ls, lt, kl,
+                                  deterministic=False)
+    assert_close_rel(kl, want[0], tol_v, "kl")
+    for name, a, e in zip(("dq_s", "dk_s"), got, want[1:]):
+        assert a.dtype == dtype, f"{name} dtype {a.dtype}"
+        assert_close_rel(a, e, tol_g, f"fused {name} {dtype}")

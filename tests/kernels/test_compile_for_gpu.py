@@ -36,7 +36,7 @@ def _child(code: str, timeout: int = 900) -> dict:
 
 
 def compiled(which: str, arch: int, dtype: str, **kw) -> dict:
-    """{kernel name: facts} of every launch the launcher makes (N=197, d=64), compiled for sm_<arch>."""
+    """{kernel name (+ " (tail)"): facts} of every launch the launcher makes (N=197, d=64), compiled for sm_<arch>."""
     call = {"attention_kl": "attention_kl_launches", "attribution": "head_importance_launches",
             "entropy": "head_importance_launches"}[which]  # fmt: skip
     extra = "" if which == "attention_kl" else f", {which!r}"
@@ -45,7 +45,8 @@ def compiled(which: str, arch: int, dtype: str, **kw) -> dict:
 out = {{}}
 for l in M.{call}({arch}, 197, {dtype!r}{extra}{kwargs}):
     s = M.read_sass(l.kernel.asm["cubin"])
-    out[l.name] = dict(shared=l.kernel.metadata.shared, asm=sorted(l.kernel.asm), regs=s.regs,
+    name = l.name + (" (tail)" if M.is_tail(l) else "")
+    out[name] = dict(shared=l.kernel.metadata.shared, asm=sorted(l.kernel.asm), regs=s.regs,
                        spill=s.local_bytes + s.spill_instr, loops=len(s.loops),
                        mma=sum(x["mma"] for x in s.loops), warps=l.num_warps)
 print(json.dumps(out))
@@ -58,8 +59,8 @@ def _check(result: dict, arch: int, dtype: str) -> None:
         assert 0 < info["shared"] <= SMEM_LIMIT[arch], f"{name}: {info['shared']} bytes of shared memory, sm_{arch}"
         assert info["regs"] * 32 * info["warps"] <= 65536, f"{name}: {info['regs']} registers do not fit"
         assert info["loops"] >= 1, f"{name}: no inner loop found in the SASS"
+        assert info["spill"] == 0, f"{name}: spills ({info['spill']} bytes / instructions) in {dtype}"
         if dtype != "fp32":
-            assert info["spill"] == 0, f"{name}: spills ({info['spill']} bytes / instructions) in {dtype}"
             assert info["mma"] > 0, f"{name}: no tensor-core instruction in the inner loop ({dtype})"
 
 
@@ -68,7 +69,7 @@ def _check(result: dict, arch: int, dtype: str) -> None:
 def test_head_importance_kernel_compiles_for_gpu(which, dtype, arch):
     pytest.importorskip("triton")
     result = compiled(which, arch, dtype, given_lse=which == "attribution")
-    assert set(result) == {"_head_importance_kernel"}
+    assert {name.split()[0] for name in result} == {"_head_importance_kernel"}
     _check(result, arch, dtype)
 
 
@@ -80,7 +81,8 @@ def test_head_importance_kernel_compiles_for_gpu(which, dtype, arch):
 def test_kernels_compile_for_gpu(dtype, arch, kw):
     pytest.importorskip("triton")
     result = compiled("attention_kl", arch, dtype, **kw)
-    assert set(result) == ATTENTION_KL
+    assert {name.split()[0] for name in result} == ATTENTION_KL
+    assert any("tail" in name for name in result), "N=197 must compile the narrow remainder launches too"
     _check(result, arch, dtype)
 
 
