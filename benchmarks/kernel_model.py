@@ -101,7 +101,7 @@ class _StubDriver:
         return self.target
 
     def get_current_device(self):
-        return 0
+        return self.target.arch  # Triton caches compiled kernels per device: one "device" per target
 
     def get_current_stream(self, device=None):
         return 0

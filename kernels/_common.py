@@ -57,9 +57,9 @@ def tail_block(length: int, block: int) -> int:
     return 0 if rem == 0 else max(16, next_pow2(rem))
 
 
-def warps_for(bm: int, bn: int, fp32: bool = False) -> int:
+def warps_for(fp32: bool) -> int:
     """4 warps, also for the narrow tail launches (with 1 or 2 the reverse dQ tail spills on sm_90); 8 for fp32
-    inputs, whose IEEE dots run on CUDA cores (fewer warps spill). ``bm, bn``: the tile, for future tuning."""
+    inputs, whose IEEE dots run on CUDA cores (fewer warps spill)."""
     return 8 if fp32 else 4
 
 

@@ -462,7 +462,7 @@ def attention_kl_forward(q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, sca
                 BLOCK_DS=head_block(DS), BLOCK_DT=head_block(DT), EVEN_DS=head_block(DS) == DS,
                 EVEN_DT=head_block(DT) == DT, HAS_MASK=has_mask, HAS_LSE_A=lse_a is not None,
                 HAS_LSE_B=lse_b is not None, REVERSE=bool(reverse),
-                UPCAST=upcast, PRECISION=precision((q_s, q_t), allow_tf32), num_warps=warps_for(bm, BLOCK_N, upcast),
+                UPCAST=upcast, PRECISION=precision((q_s, q_t), allow_tf32), num_warps=warps_for(upcast),
             )  # fmt: skip
     return kl, out_s, out_t
 
@@ -534,14 +534,14 @@ def attention_kl_backward(grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale
                 _attention_kl_bwd_dq_kernel[(programs, B * P)](
                     q_s, k_s, q_t, k_t, pairs32, rows32, mask, lse_s_rows, lse_t_rows, kl, grad, dq_out,
                     *_strides4(dq_out), *args, row0, BLOCK_M=bm, BLOCK_N=BLOCK_N, BLOCK_T=tail_block(N, BLOCK_N),
-                    OWN_TAIL=tail, num_warps=warps_for(bm, BLOCK_N, upcast), **common,
+                    OWN_TAIL=tail, num_warps=warps_for(upcast), **common,
                 )  # fmt: skip
             for key0, programs, bn, tail in splits(N, BLOCK_N):
                 _attention_kl_bwd_dk_kernel[(programs, B * P)](
                     q_s, k_s, q_t, k_t, pairs32, rows32, mask, lse_s_rows, lse_t_rows, kl, grad, dk_out, dq_out,
                     *_strides4(dk_out), *_strides4(dq_out), *args, key0, BLOCK_M=BLOCK_M, BLOCK_N=bn,
                     BLOCK_T=tail_block(R, BLOCK_M), OWN_TAIL=tail, FUSED=fused,
-                    num_warps=warps_for(BLOCK_M, bn, upcast), **common,
+                    num_warps=warps_for(upcast), **common,
                 )  # fmt: skip
     if direct:
         return dq.to(q_s.dtype), dk

@@ -142,7 +142,7 @@ def _launch(score: int, q, k, v, do, lse, scale: float) -> torch.Tensor:
                 BLOCK_M=bm, BLOCK_N=BLOCK_N, BLOCK_T=tail_block(N, BLOCK_N), ROW_TAIL=tail,
                 BLOCK_D=head_block(D), BLOCK_DV=head_block(DV), EVEN_D=head_block(D) == D and head_block(DV) == DV,
                 SCORE=score, HAS_LSE=has_lse, UPCAST=upcast, PRECISION=precision((q, k, v_, do_), False),
-                num_warps=warps_for(bm, BLOCK_N, upcast),
+                num_warps=warps_for(upcast),
             )  # fmt: skip
     return out
 
