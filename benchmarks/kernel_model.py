@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import math
 import os
 import re
@@ -228,7 +229,18 @@ def _count(ops: list[str]) -> dict:
     return out
 
 
+_SASS_CACHE: dict[bytes, Sass] = {}
+
+
 def read_sass(cubin: bytes) -> Sass:
+    """Counts of one cubin (cached: the same binary serves every N)."""
+    key = hashlib.sha1(cubin).digest()
+    if key not in _SASS_CACHE:
+        _SASS_CACHE[key] = _read_sass(cubin)
+    return _SASS_CACHE[key]
+
+
+def _read_sass(cubin: bytes) -> Sass:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -492,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also print a compile report for sm_<arch> (80, 100)")
     p.add_argument("--no-csv", action="store_true", help="print only")
     p.add_argument("--out", type=Path, default=C.RESULTS / "attention_kl_model_sm90.csv")
+    p.add_argument("--force-dirty", action="store_true", help="write into results/ from an uncommitted tree")
     return p
 
 
@@ -505,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on"):
         return _child_without_interpreter(argv)  # the kernels must be compiled, not interpreted
+    if not args.no_csv:
+        C.check_output(args.out, args.force_dirty)
     dtypes = args.dtype or ["bf16", "fp16"]
     shapes = dict(SHAPES, N=tuple(args.N) if args.N else SHAPES["N"])
     rows = []
