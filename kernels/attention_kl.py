@@ -415,14 +415,6 @@ def _mask_args(key_mask: torch.Tensor | None, like: torch.Tensor):
     return m, m.stride(0), m.stride(1), True
 
 
-def _check_mask_lse(key_mask, lse_s, lse_t) -> None:
-    if key_mask is not None and (lse_s is not None or lse_t is not None):
-        raise ValueError(
-            "key_mask cannot be combined with lse_s / lse_t: a given LSE sums over all keys, the masked KL over the "
-            "kept keys only. Pass key_mask without LSEs, or LSEs computed with the same mask and no key_mask."
-        )
-
-
 def attention_kl_forward(q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse, lse_s, lse_t, *,
                          allow_tf32: bool = False):
     """Launch the forward kernel. Returns ``(kl, lse_s_rows, lse_t_rows)``, each fp32 ``[B, P, R]`` (natural log).
@@ -430,7 +422,6 @@ def attention_kl_forward(q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, sca
     ``allow_tf32``: fp32 inputs use TF32 tensor-core dots instead of IEEE fp32 ones (faster, ~1e-3 relative).
     No device-to-host synchronisation: sizes come from shapes, ``pairs`` / ``rows`` are only copied to the device.
     """
-    _check_mask_lse(key_mask, lse_s, lse_t)
     B, _, N, DS = q_s.shape
     DT = q_t.shape[-1]
     P, R = pairs.shape[0], rows.numel()

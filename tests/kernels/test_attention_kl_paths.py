@@ -12,7 +12,6 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastkd.functional import attention_kl
 from fastkd.kernels import attention_kl as K
 from tests.kernels.test_attention_kl import DTYPES
 from tests.kernels.test_attention_kl import check
@@ -75,15 +74,6 @@ def test_mask_in_main_loop_and_tail_with_repeated_heads_and_rows(direction):
     kw = dict(key_mask=mask, pairs=[(0, 2), (0, 1), (1, 1)], rows=torch.tensor([0, 76, 5, 5, 40]),
               direction=direction)
     check("triton", inputs, **kw)
-
-
-def test_key_mask_with_given_lse_is_refused():
-    inputs = make_inputs(1, 1, 1, 20, 16, 16, seed=109)
-    lse = _lse(inputs[0], inputs[1], 0.25).float()
-    mask = torch.ones(20, dtype=torch.bool)
-    mask[2] = False
-    with pytest.raises(ValueError, match="key_mask cannot be combined with lse_s / lse_t"):
-        attention_kl(*inputs, impl="triton", key_mask=mask, lse_s=lse)
 
 
 def test_backward_host_metadata_matches_the_derived_one():
