@@ -31,12 +31,14 @@ def soft_ce(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, 
     return ce, float((targets * (logits.abs() + lse.abs())).sum().detach()) / logits.shape[0]
 
 
-def check_against_oracle(out: dict, grads: dict, reference, models: tuple, inputs: dict, parts=("loss",)) -> None:
+def check_against_oracle(out: dict, grads: dict, reference, models: tuple, inputs: dict, parts=("loss",), *,
+                         depth: int = 1) -> None:
     """The method's ``out[part]`` and parameter ``grads`` against the test's ``reference(*models, inputs)``, held to
     the error budget of tests/utils.py: the reference runs once in fp64 on copies of ``models`` (the oracle) and
     once in fp32 on other copies (what rounding alone costs). ``reference`` returns ``(values, magnitudes)``:
     dicts over ``parts`` (a magnitude may be None: the value itself), and its first model's gradients are
-    compared by parameter name."""
+    compared by parameter name. ``depth``: the longest accumulation the method does its own way (N*d for an
+    attention kernel), which sets the budget's floor."""
     results = {}
     for dtype in (torch.float32, torch.float64):
         copies = [copy.deepcopy(m) for m in models]
@@ -52,13 +54,13 @@ def check_against_oracle(out: dict, grads: dict, reference, models: tuple, input
     (v32, _, g32), (v64, mag, g64) = results[torch.float32], results[torch.float64]
     for part in parts:
         m = mag.get(part)
-        assert_error_budget(out[part], v32[part], v64[part], part, scale=None if m is None else float(m))
+        assert_error_budget(out[part], v32[part], v64[part], part, scale=None if m is None else float(m), depth=depth)
     assert set(grads) == set(g64), f"gradients for {set(grads) ^ set(g64)} on one side only"
     assert grads, "no gradients to compare"
     # rounding reaches each parameter's gradient through the whole backward: the floor is the largest gradient's
     scale = max(float(g.abs().max()) for g in g64.values())
     for n, g in grads.items():
-        assert_error_budget(g, g32[n], g64[n], f"grad {n}", scale=scale)
+        assert_error_budget(g, g32[n], g64[n], f"grad {n}", scale=scale, depth=depth)
 
 
 def train_losses(method, batch, steps: int, lr: float, *, step_end: bool = False) -> list[float]:

@@ -130,7 +130,7 @@ def _check_against_reference(method, student, teacher, ta, batch, **ref_kw):
     out = method(batch)
     out["loss"].backward()
     check_against_oracle(out, grads(student), functools.partial(reference_loss, **ref_kw), (student, teacher, ta),
-                         batch, parts=("loss", "attn_teacher", "attn_ta"))
+                         batch, parts=("loss", "attn_teacher", "attn_ta"), depth=18 * 16)  # N keys x d_head
     return out
 
 
