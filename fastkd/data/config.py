@@ -242,7 +242,9 @@ class DataConfig:
             bad("scale", "must be (min, max) with 0 < min <= max <= 1")
         if len(self.ratio) != 2 or not 0.0 < self.ratio[0] <= self.ratio[1]:
             bad("ratio", "must be (min, max) with 0 < min <= max")
-        for name in ("hflip", "random_erasing", "mixup_prob", "mixup_switch_prob", "label_smoothing", "hw_decoder_load"):
+        probabilities = ("hflip", "random_erasing", "mixup_prob", "mixup_switch_prob", "label_smoothing",
+                         "hw_decoder_load")
+        for name in probabilities:
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 bad(name, "must lie in [0, 1]")
         for name in ("mixup", "cutmix"):

@@ -209,7 +209,9 @@ def rand_augment_suite(cfg: DataConfig):
         a.auto_contrast,
         a.equalize,
         a.invert,
-        a.rotate.augmentation(mag_range=(0, 10), randomly_negate=True, mag_to_param=lambda m: np.float32(30 * level(m))),
+        a.rotate.augmentation(
+            mag_range=(0, 10), randomly_negate=True, mag_to_param=lambda m: np.float32(30 * level(m))
+        ),
         a.posterize.augmentation(mag_range=(0, 10), randomly_negate=False, mag_to_param=posterize),
         a.solarize.augmentation(mag_range=(0, 10), randomly_negate=False, mag_to_param=solarize),
         a.solarize_add.augmentation(
@@ -331,7 +333,8 @@ class DaliLoader(BaseLoader):
     # -- input side ---------------------------------------------------------------------------------
 
     def read_chunk(self, chunk, pool) -> list[tuple[int, bool, bytes, list[np.ndarray], int]]:
-        """``(index used, is_pad, bytes, view inputs, augmentation seed)`` of a batch, corrupt samples skipped or replaced.
+        """``(index used, is_pad, bytes, view inputs, augmentation seed)`` of a batch, corrupt samples skipped or
+        replaced.
         A replacement is augmented with the seed of the slot it fills."""
         idx, pad, seeds = chunk
         reads = list(pool.map(self.read_checked, idx.tolist())) if len(idx) > 1 else [self.read_checked(int(idx[0]))]

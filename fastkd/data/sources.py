@@ -60,8 +60,8 @@ def jpeg_structure_problem(data: bytes | memoryview) -> str | None:
 
     Neither PIL nor DALI's decoders report such damage: libjpeg only warns ("Corrupt JPEG data: ...")
     and both decode the image on, as garbage. The check looks at the markers only (one vectorised pass
-    over the file, a few per cent of the time a CPU decode takes); damage that leaves them intact (bit flips or zeroed bytes in a
-    scan without restart markers) is not found here, nor by those decoders.
+    over the file, a few per cent of the time a CPU decode takes); damage that leaves them intact (bit flips
+    or zeroed bytes in a scan without restart markers) is not found here, nor by those decoders.
     """
     raw = bytes(data)
     n = len(raw)

@@ -154,7 +154,7 @@ def test_dali_arguments_equal_timms_level_rules(monkeypatch):
     hparams = {"translate_const": 100, "translate_pct": 0.45}
     for b in range(RA_BINS):
         for negate in (False, True):
-            monkeypatch.setattr(aa.random, "random", lambda: 1.0 if negate else 0.0)
+            monkeypatch.setattr(aa.random, "random", lambda negate=negate: 1.0 if negate else 0.0)
             for name, aug in zip(TIMM_INC_OPS, suite):
                 if aa.LEVEL_TO_ARG[name] is None:
                     continue

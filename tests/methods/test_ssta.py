@@ -200,10 +200,12 @@ def test_auto_importance_scores_clean_images():
     student, teacher, ta = models()
     g = torch.Generator().manual_seed(5)
     for _ in range(50):
-        clean = {"images": torch.randn(4, 3, 32, 32, generator=g), "labels": torch.randint(0, NUM_CLASSES, (4,), generator=g)}
+        clean = {"images": torch.randn(4, 3, 32, 32, generator=g),
+                 "labels": torch.randint(0, NUM_CLASSES, (4,), generator=g)}
         lam = 0.3
         mixed = lam * clean["images"] + (1 - lam) * clean["images"].flip(0)
-        if _michel_per_sample_top_head(teacher, {**clean, "images": mixed}) != _michel_per_sample_top_head(teacher, clean):
+        on_mixed = _michel_per_sample_top_head(teacher, {**clean, "images": mixed})
+        if on_mixed != _michel_per_sample_top_head(teacher, clean):
             break
     else:
         raise AssertionError("no batch found whose mixed and clean head choices differ")
