@@ -179,7 +179,8 @@ def attention_kl(
             Per-row weights: use ``"none"`` and weight the result.
         direction: ``"forward"`` = ``KL(P_t || P_s)`` (teacher as target); ``"reverse"`` = ``KL(P_s || P_t)``.
         lse_s, lse_t: optional ``[B, H, N]`` natural-log LSEs of ``scale * q k^T`` per row (e.g. returned by the
-            attention forward); when given the kernel does not recompute them.
+            attention forward, over all N keys); when given the kernel does not recompute them. Not together
+            with ``key_mask``.
         check_finite: check inputs (and given LSEs) for NaN/inf (default: ``FASTKD_DEBUG=1``; a sync per call).
         impl: a registered implementation (``"triton" | "torch" | "reference"``; ``fastkd info`` lists them) for
             this call instead of the default or ``FASTKD_KERNELS``; the same checks apply.
@@ -229,6 +230,12 @@ def attention_kl(
     unique_heads = host_pairs is not None and _distinct(tuple(h for h, _ in host_pairs))
     unique_rows = host_rows is not None and _distinct(host_rows)
     mask_t = _normalize_mask(key_mask, B, N, device)
+    if mask_t is not None and (lse_s is not None or lse_t is not None):
+        # an attention forward's LSE covers all N keys; with masked keys the softmaxes here need the LSE over the
+        # kept keys only, which no attention call returns: using it would silently give a wrong KL
+        given = " and ".join(n for n, v in (("lse_s", lse_s), ("lse_t", lse_t)) if v is not None)
+        raise ValueError(f"key_mask cannot be combined with {given}: a given LSE covers all N keys of the "
+                         "attention forward, the KL needs it over the kept keys; pass key_mask or the LSEs, not both")
     lse_s = check.lse("lse_s", lse_s, B, H_s, N, device)
     lse_t = check.lse("lse_t", lse_t, B, H_t, N, device)
     a_s, a_t = check.scale("scale_s", scale_s, d_s), check.scale("scale_t", scale_t, d_t)

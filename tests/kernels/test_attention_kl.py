@@ -353,6 +353,8 @@ def _bad(**overrides):
         (dict(direction="both"), "direction must be one of"),
         (dict(lse_s=torch.zeros(2, 2, 9)), r"lse_s must be a float tensor of shape \[B, H, N\] = \[2, 2, 10\]"),
         (dict(scale_s=-1.0), "scale_s must be a positive finite float"),
+        (dict(key_mask=torch.ones(10, dtype=torch.bool), lse_t=torch.zeros(2, 3, 10)),
+         "key_mask cannot be combined with lse_t"),
         (dict(q_t=torch.randn(2, 3, 10, 16, requires_grad=True)), "q_t/k_t require grad"),
     ],
 )
