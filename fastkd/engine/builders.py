@@ -189,15 +189,26 @@ def scaled_lr(cfg: Config, global_batch: int) -> float:
     return lr
 
 
+# torch's optimizers with a fused kernel (CUDA and CPU) that takes AMP's ``found_inf``: a non-finite step is skipped
+# on the device (fastkd.engine.placement); timm names for them
+FUSED_OPTIMIZERS = ("adam", "adamw", "sgd", "nesterov", "momentum")
+
+
 def build_optimizer(cfg: Config, method: nn.Module, lr: float) -> torch.optim.Optimizer:
     """timm's ``create_optimizer_v2`` over the method's trainable parameters (student + extras). No weight decay on
     biases, 1-d parameters and what the method's modules list in ``no_weight_decay()`` (timm's convention:
     ``pos_embed``, ``cls_token``, ``dist_token``, projector position embeddings; :meth:`Method.no_weight_decay`),
-    unless ``optim.decay_all`` (every parameter decayed, as mmcls' SGD configs without ``paramwise_cfg``)."""
+    unless ``optim.decay_all`` (every parameter decayed, as mmcls' SGD configs without ``paramwise_cfg``).
+    AdamW / Adam / SGD run torch's fused kernel (``fused=True``) when the parameters are on CUDA or the CPU (one
+    kernel per step, and the device-side skip of a non-finite step); the others keep their default implementation
+    (foreach where they have one)."""
     from timm.optim import create_optimizer_v2
 
     o = cfg.optim
     kwargs: dict[str, Any] = {"eps": o.eps}
+    device = next((p.device for p in method.parameters() if p.requires_grad), torch.device("cpu"))
+    if o.name in FUSED_OPTIMIZERS and device.type in ("cuda", "cpu"):
+        kwargs["fused"] = True
     if o.name in ("adamw", "adam", "lamb"):
         kwargs["betas"] = tuple(o.betas)
     if o.layer_decay is not None:

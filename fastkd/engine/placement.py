@@ -3,6 +3,11 @@ engine, so the trainer never branches on the two.
 
 Per optimizer step the trainer calls :meth:`forward_backward` once per micro-batch (``last=True`` on the final
 one) and then :meth:`step`; checkpoints go through :meth:`save` / :meth:`load`.
+
+Non-finite steps: ``step(found_inf, grad_norm)`` gets a device flag (1 when a loss of this step or the gradient
+norm was NaN/Inf). A placement with ``device_skip = True`` skips the update on the device (torch's fused
+AdamW/Adam/SGD take ``found_inf`` as AMP's GradScaler hands it to them): no host read. Other placements
+(DeepSpeed, optimizers without a fused kernel) need the trainer to read the flag before calling :meth:`step`.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ class TorchStudent:
         self.accum_steps, self.clip_grad = accum_steps, clip_grad
         self.model = wrap_student_ddp(method, info, find_unused_parameters=find_unused_parameters)
         self.kind = "ddp" if info.distributed else "single"
+        # the fused kernels skip the whole update (parameters, moments, step count) when found_inf is 1
+        self.device_skip = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+        self.params = [p for p in method.parameters() if p.requires_grad]
 
     def forward_backward(self, batch: dict[str, Any], *, last: bool, autocast) -> dict[str, torch.Tensor]:
         """``method(batch)`` and the backward of ``loss / accum_steps``; DDP syncs gradients only when ``last``."""
@@ -40,12 +48,19 @@ class TorchStudent:
             (out["loss"] / self.accum_steps).backward()
         return out
 
-    def step(self) -> float | None:
-        """Clip (when ``clip_grad`` is set), step, zero the gradients; returns the gradient norm before clipping."""
-        grad_norm = None
-        if self.clip_grad:
-            params = [p for p in self.method.parameters() if p.requires_grad]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.clip_grad))
+    def grad_norm(self) -> torch.Tensor | None:
+        """The global gradient norm (a device scalar, not read here); None when nothing has a gradient."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads) if grads else None
+
+    def step(self, found_inf: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor | None:
+        """Clip to ``clip_grad`` with ``grad_norm`` (from :meth:`grad_norm`), step, zero the gradients; returns
+        ``grad_norm``. With ``device_skip`` the fused optimizer skips the update when ``found_inf`` (float32
+        device scalar) is 1."""
+        if self.clip_grad and grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.clip_grad, grad_norm)
+        if self.device_skip:
+            self.optimizer.found_inf, self.optimizer.grad_scale = found_inf, None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
@@ -69,6 +84,7 @@ class DeepSpeedStudent:
     accumulation, clips and steps, and saves its (partitioned) optimizer state beside the checkpoint."""
 
     kind = "deepspeed"
+    device_skip = False
 
     def __init__(self, method, optimizer: torch.optim.Optimizer, info: DistInfo, *, micro_batch: int,
                  accum_steps: int, zero_stage: int, clip_grad: float | None, bf16: bool,
@@ -89,10 +105,15 @@ class DeepSpeedStudent:
             self.engine.step()  # inside an accumulation window DeepSpeed only counts the micro-step
         return out
 
-    def step(self) -> float | None:
+    def grad_norm(self) -> None:
+        """DeepSpeed computes the norm inside its step."""
+        return None
+
+    def step(self, found_inf: torch.Tensor, grad_norm: None) -> torch.Tensor | None:
+        """DeepSpeed clips and steps (the trainer has read ``found_inf`` already); its gradient norm."""
         self.engine.step()
         grad_norm = self.engine.get_global_grad_norm()
-        return float(grad_norm) if grad_norm is not None else None
+        return torch.as_tensor(grad_norm, dtype=torch.float32) if grad_norm is not None else None
 
     def discard_gradients(self) -> None:
         """Nothing to do: the trainer stops before DeepSpeed's next step."""

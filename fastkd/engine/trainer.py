@@ -192,7 +192,14 @@ class Trainer:
         self._mid_epoch_resume = False
         self._train_time = 0.0
         self._train_images = 0
-        self._last_parts: dict[str, float] = {}
+        self._last_parts: dict[str, float] = {}  # the last logged step's loss parts (host floats)
+        # on the device, read on logging steps: the window's loss sums, the last step's parts and gradient norm,
+        # the first non-finite step (-1: none) with its parts
+        self._win_parts: dict[str, torch.Tensor] = {}
+        self._step_parts: dict[str, torch.Tensor] = {}
+        self._last_grad_norm: torch.Tensor | None = None
+        self._bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        self._bad_parts: dict[str, torch.Tensor] = {}
 
         self._log_setup()
 
@@ -276,14 +283,19 @@ class Trainer:
     # one optimizer step
 
     def train_step(self, batches) -> dict[str, Any]:
-        """Run ``accum_steps`` micro-batches from the iterator ``batches`` and one optimizer step."""
+        """Run ``accum_steps`` micro-batches from the iterator ``batches`` and one optimizer step.
+
+        Nothing is read back to the host here except on logging steps (``train.log_every``): the loss parts are
+        summed on the device, a non-finite step is skipped on the device (:mod:`fastkd.engine.placement`) and
+        remembered there; :meth:`check_finite` reads it on logging steps (every step for placements that cannot
+        skip on the device) and stops before the next update is applied."""
         t = self.cfg.train
         accum = t.accum_steps
         t0 = time.perf_counter()
         data_wait = 0.0
         n_images = 0
         parts: dict[str, torch.Tensor] = {}
-        flag = torch.zeros((), device=self.device)
+        flag = torch.zeros((), dtype=torch.float32, device=self.device)
         self.method.train()
         for micro in range(accum):
             td = time.perf_counter()
@@ -295,37 +307,61 @@ class Trainer:
             for k, v in out.items():
                 if isinstance(v, torch.Tensor) and v.numel() == 1:
                     parts[k] = parts.get(k, 0.0) + v.detach().float().reshape(()) / accum
-        # one synchronisation per step: the non-finite flag and the loss parts, summed over ranks
-        names = sorted(parts)
-        packed = torch.stack([flag] + [parts[k] for k in names]).to(torch.float64)
-        packed = all_reduce_sum(packed)
-        values = packed.tolist()
-        world = self.info.world_size
-        parts_f = {k: values[i + 1] / world for i, k in enumerate(names)}
-        if values[0] > 0:
-            self._on_nonfinite(parts_f)
-        grad_norm = self.placement.step()
+        flag = all_reduce_max(flag)  # every rank skips the same steps (a collective on the device, no host read)
+        grad_norm = self.placement.grad_norm()
+        if grad_norm is not None:
+            flag = torch.maximum(flag, (~torch.isfinite(grad_norm)).float())
+        self._remember(parts, flag, grad_norm)
+        log_now = (self.step + 1) % t.log_every == 0 or self.step + 1 == self.total_steps
+        if log_now or not self.placement.device_skip:
+            self.check_finite()
+        grad_norm = self.placement.step(flag, grad_norm)
+        self._last_grad_norm = grad_norm
         self.step += 1
         self.step_in_epoch += 1
         self.scheduler.step_update(num_updates=self.step)
         self.method.update_ema(self.step)
         self.method.on_step_end(self.step, self.total_steps)
         dt = time.perf_counter() - t0
-        return {"parts": parts_f, "images": n_images * world, "time": dt, "data_wait": data_wait,
-                "grad_norm": grad_norm}
+        return {"images": n_images * self.info.world_size, "time": dt, "data_wait": data_wait, "log": log_now}
 
-    def _on_nonfinite(self, parts: dict[str, float]) -> None:
-        bad = [k for k, v in parts.items() if not math.isfinite(v) and k != "loss"] or ["loss"]
+    def _remember(self, parts: dict[str, torch.Tensor], flag: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        """On the device: the window's sums of the loss parts, the last step's parts, and the first non-finite
+        step (its number and parts)."""
+        for k, v in parts.items():
+            self._win_parts[k] = self._win_parts[k] + v if k in self._win_parts else v
+        self._step_parts = parts
+        first = (self._bad_step < 0) & (flag > 0)
+        self._bad_step = torch.where(first, self.step + 1, self._bad_step)
+        bad = dict(parts)
+        if grad_norm is not None:
+            bad["grad_norm"] = grad_norm.float()
+        for k, v in bad.items():
+            self._bad_parts[k] = torch.where(first, v, self._bad_parts.get(k, torch.zeros_like(v)))
+
+    def check_finite(self) -> None:
+        """Read the device's record of non-finite steps (one host synchronisation); after one: save a checkpoint
+        of the last applied state and raise :class:`NonFiniteLossError`."""
+        bad_step = int(self._bad_step)
+        if bad_step >= 0:
+            self._on_nonfinite(bad_step, {k: float(v) for k, v in self._bad_parts.items()})
+
+    def _on_nonfinite(self, bad_step: int, parts: dict[str, float]) -> None:
+        bad = [k for k, v in parts.items() if not math.isfinite(v) and k not in ("loss", "grad_norm")]
+        if not bad:
+            bad = ["loss"] if not math.isfinite(parts.get("loss", 0.0)) else ["grad_norm"]
         self.placement.discard_gradients()
-        path = self.save_checkpoint(name=f"nonfinite_step_{self.step:08d}.pt", link_last=False)
+        path = self.save_checkpoint(name=f"nonfinite_step_{bad_step:08d}.pt", link_last=False)
         shown = ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
+        what = "the gradient norm" if bad == ["grad_norm"] else (
+            f"loss part{'s' if len(bad) > 1 else ''} {', '.join(repr(b) for b in bad)}")
         msg = (
-            f"non-finite loss at step {self.step + 1} (epoch {self.epoch}): loss part"
-            f"{'s' if len(bad) > 1 else ''} {', '.join(repr(b) for b in bad)} became NaN/Inf ({shown}). "
-            f"The optimizer step was skipped and the last finite state saved to {path}. "
+            f"non-finite loss at step {bad_step} (epoch {self.epoch}): {what} became NaN/Inf ({shown}). "
+            f"That optimizer step was skipped; training stopped after step {self.step} and its state (no "
+            f"non-finite update applied) was saved to {path}. "
             "Try a lower optim.lr, train.clip_grad, or train.amp=fp32."
         )
-        raise NonFiniteLossError(msg, step=self.step + 1, parts=bad, checkpoint=str(path) if path else None)
+        raise NonFiniteLossError(msg, step=bad_step, parts=bad, checkpoint=str(path) if path else None)
 
     # -----------------------------------------------------------------------------------------------------------------
     # loop
@@ -335,7 +371,7 @@ class Trainer:
         returns as if interrupted). Returns the summary."""
         t = self.cfg.train
         bar = progress_bar(self.total_steps, self.step, enabled=t.progress and self.console)
-        win = {"n": 0, "images": 0, "time": 0.0, "data_wait": 0.0, "parts": {}}
+        win = {"n": 0, "images": 0, "time": 0.0, "data_wait": 0.0}
         ckpt_every = t.ckpt_every
         try:
             while self.step < self.total_steps:
@@ -351,15 +387,11 @@ class Trainer:
                     win["images"] += r["images"]
                     win["time"] += r["time"]
                     win["data_wait"] += r["data_wait"]
-                    for k, v in r["parts"].items():
-                        win["parts"][k] = win["parts"].get(k, 0.0) + v
-                    self._last_parts = r["parts"]
                     bar.update(1)
-                    loss = r["parts"].get("loss", float("nan"))
-                    bar.set_postfix_str(f"loss {loss:.4f} | {r['images'] / max(r['time'], 1e-9):.0f} img/s")
-                    if self.step % t.log_every == 0 or self.step == self.total_steps:
-                        self._log_window(win, r)
-                        win = {"n": 0, "images": 0, "time": 0.0, "data_wait": 0.0, "parts": {}}
+                    if r["log"]:
+                        rec = self._log_window(win)
+                        bar.set_postfix_str(f"loss {rec.get('loss', float('nan')):.4f} | {rec['img_per_s']:.0f} img/s")
+                        win = {"n": 0, "images": 0, "time": 0.0, "data_wait": 0.0}
                     if stop_at is not None and self.step >= stop_at:
                         self.save_checkpoint()
                         return self.summary()
@@ -383,20 +415,31 @@ class Trainer:
             print(self.summary_table(summary), flush=True)
         return summary
 
-    def _log_window(self, win: dict[str, Any], last: dict[str, Any]) -> None:
+    def _log_window(self, win: dict[str, Any]) -> dict[str, Any]:
+        """The JSONL record of a logging step: reads the device's sums of the window (one synchronisation)."""
         n = max(win["n"], 1)
+        world = self.info.world_size
+        names = sorted(self._win_parts)
+        last = sorted(self._step_parts)
+        values = [self._win_parts[k] for k in names] + [self._step_parts[k] for k in last]
+        if self._last_grad_norm is not None:
+            values.append(self._last_grad_norm.float().reshape(()))
+        packed = all_reduce_sum(torch.stack(values).to(torch.float64)).tolist() if values else []
         rec: dict[str, Any] = {"kind": "train", "epoch": self.epoch}
-        rec.update({k: v / n for k, v in win["parts"].items()})
+        rec.update({k: packed[i] / world / n for i, k in enumerate(names)})
+        self._last_parts = {k: packed[len(names) + i] / world for i, k in enumerate(last)}
+        self._win_parts = {}
         rec["lr"] = self.lr()
         rec["img_per_s"] = win["images"] / max(win["time"], 1e-9)
         rec["step_time_s"] = win["time"] / n
         rec["data_wait_frac"] = win["data_wait"] / max(win["time"], 1e-9)
         peak = torch.tensor(peak_memory_mb(self.device), dtype=torch.float64, device=self.device)
         rec["peak_mem_mb"] = float(all_reduce_max(peak))
-        if last.get("grad_norm") is not None:
-            rec["grad_norm"] = last["grad_norm"]
+        if self._last_grad_norm is not None:
+            rec["grad_norm"] = packed[-1] / world  # identical on every rank (the gradients are all-reduced)
         self.history.append({"step": self.step, **rec})
         self.logger.log(rec, self.step)
+        return rec
 
     # -----------------------------------------------------------------------------------------------------------------
     # evaluation

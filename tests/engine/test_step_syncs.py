@@ -1,0 +1,153 @@
+"""A steady-state training step reads nothing back to the host outside logging steps (issue 12).
+
+A :class:`~torch.utils._python_dispatch.TorchDispatchMode` records every op that synchronises a device with the
+host: ``_local_scalar_dense`` (``.item()``, ``float()``, ``bool()``), ops whose output size depends on the data
+(``nonzero``, ``unique``, ``masked_select``, ``repeat_interleave`` without a size), ``equal``, and copies from a
+device to the CPU; a :class:`~torch.overrides.TorchFunctionMode` adds what never reaches the dispatcher on a CPU
+tensor (``.tolist()``, ``.numpy()``, boolean-mask indexing). On the CPU these are not real waits, but they are
+exactly the calls that would be on CUDA: the step under test is the same code.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastkd.config import load_config
+from fastkd.config import recipe_path
+from fastkd.engine.trainer import NonFiniteLossError
+from fastkd.engine.trainer import Trainer
+from tests.engine.helpers import MemoryLoader
+
+aten = torch.ops.aten
+SYNC_OPS = {
+    aten._local_scalar_dense.default, aten.nonzero.default, aten.nonzero.out, aten._unique.default,
+    aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default, aten.masked_select.default,
+    aten.repeat_interleave.Tensor, aten.equal.default,
+}
+COPY_OPS = {aten._to_copy.default, aten.copy_.default}
+
+
+HOST_READS = {torch.Tensor.tolist, torch.Tensor.numpy}
+
+
+def _bool_index(index) -> bool:
+    items = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
+
+
+class _HostReads(TorchFunctionMode):
+    def __init__(self, calls: list[str]):
+        super().__init__()
+        self.calls = calls
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in HOST_READS:
+            self.calls.append(func.__name__)
+        elif func is torch.Tensor.__getitem__ and _bool_index(args[1]):
+            self.calls.append("boolean-mask index")
+        return func(*args, **(kwargs or {}))
+
+
+class SyncCounter(TorchDispatchMode):
+    """Records the host synchronisations of the ops run under it (``self.calls``: op names)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+        self._reads = _HostReads(self.calls)
+
+    def __enter__(self):
+        self._reads.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        return self._reads.__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in SYNC_OPS:
+            self.calls.append(str(func))
+        elif func in COPY_OPS:
+            src = args[1] if func is aten.copy_.default else args[0]
+            dst = args[0] if func is aten.copy_.default else out
+            if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.device.type != "cpu" \
+                    and dst.device.type == "cpu":
+                self.calls.append(f"{func} device->host")
+        return out
+
+
+def test_counter_sees_each_kind_of_sync():
+    x = torch.tensor([0.0, 1.0, 2.0])
+    with SyncCounter() as c:
+        float(x.sum()), x.tolist(), bool(x[0]), x.nonzero(), x.unique(), x[x > 0]
+    assert len(c.calls) >= 6, c.calls  # item, tolist, bool, nonzero, unique, boolean index
+    with SyncCounter() as c:
+        (x * 2 + 1).exp().sum()
+    assert c.calls == []
+
+
+def _trainer(tmp_path, recipe: str, *extra: str) -> Trainer:
+    cfg = load_config(recipe_path(recipe), [f"run.output_dir={tmp_path}", f"run.name={recipe}", "run.device=cpu",
+                                            "train.steps=12", "train.log_every=4", "train.eval=false",
+                                            "train.clip_grad=1.0", "train.progress=false", *extra])
+    loader = MemoryLoader(n=64, batch_size=4, num_classes=cfg.data.num_classes, size=cfg.data.img_size)
+    return Trainer(cfg, train_loader=loader, console=False)
+
+
+def _syncs_per_step(tr: Trainer, steps: int = 4) -> list[list[str]]:
+    batches = iter(tr.train_loader)
+    tr.train_step(batches)  # warm-up: the first step may choose heads, allocate optimizer state, ...
+    per_step = []
+    for _ in range(steps):
+        with SyncCounter() as c:
+            tr.train_step(batches)
+        per_step.append(c.calls)
+    return per_step  # steps 2, 3, 4, 5: step 4 is a logging step (log_every=4)
+
+
+# methods without attention KL: the trainer's own step must be free of syncs
+@pytest.mark.parametrize("recipe", ["hinton_tiny", "supervised_tiny", "deit_tiny"])
+def test_steady_state_step_has_no_host_sync_outside_logging_steps(tmp_path, recipe):
+    tr = _trainer(tmp_path, recipe)
+    assert tr.placement.device_skip  # fused AdamW: non-finite steps are skipped on the device
+    per_step = _syncs_per_step(tr)
+    assert per_step[0] == [] and per_step[1] == [] and per_step[3] == [], per_step
+    assert 1 <= len(per_step[2]) <= 2, per_step  # the logging step reads the non-finite record
+
+
+def test_nonfinite_step_is_skipped_on_the_device_and_reported_at_the_next_logging_step(tmp_path):
+    tr = _trainer(tmp_path, "hinton_tiny")
+    batches = iter(tr.train_loader)
+    tr.train_step(batches)  # step 1
+    original = tr.method.forward
+
+    def poisoned(batch):
+        out = original(batch)
+        out["kd"] = out["kd"] * float("nan")
+        out["loss"] = out["ce"] + out["kd"]
+        return out
+
+    params = [p.detach().clone() for p in tr.method.parameters()]
+    moments = {k: v.clone() for k, v in tr.optimizer.state_dict()["state"][0].items()}
+    tr.method.forward = poisoned
+    with SyncCounter() as c:
+        tr.train_step(batches)  # step 2: NaN loss, not a logging step: no exception, no read, no update
+    assert c.calls == []
+    for p, q in zip(tr.method.parameters(), params):
+        assert torch.equal(p.detach(), q)
+    for k, v in tr.optimizer.state_dict()["state"][0].items():
+        assert torch.equal(v, moments[k]), k  # step count and moments untouched, as AMP's found-inf skip
+    tr.method.forward = original
+    tr.train_step(batches)  # step 3: finite, applied
+    assert not all(torch.equal(p.detach(), q) for p, q in zip(tr.method.parameters(), params))
+    with pytest.raises(NonFiniteLossError) as info:
+        tr.train_step(batches)  # step 4, a logging step: reads the record and stops before its update
+    assert info.value.step == 2 and info.value.parts == ["kd"]
+    saved = torch.load(info.value.checkpoint, weights_only=True)
+    assert saved["step"] == 3
+    assert all(torch.isfinite(v).all() for v in saved["method"].values())
