@@ -113,7 +113,11 @@ def build_student(cfg: Config, num_classes: int | None) -> nn.Module:
         raise ConfigError(f"student ({cfg.student.name}): {exc}") from exc
 
 
-def build_teachers(cfg: Config, num_classes: int | None, data_cfg) -> list[nn.Module]:
+def build_teachers(cfg: Config, num_classes: int | None, data_cfg, *,
+                   dtype: torch.dtype | None = None) -> list[nn.Module]:
+    """Frozen :class:`~fastkd.models.Teacher` wrappers; ``dtype`` (the autocast dtype) converts their weights once,
+    convolutional teachers run channels-last."""
+    from fastkd.methods._attention import is_vit
     from fastkd.models import Teacher
     from fastkd.models import build_model
 
@@ -128,7 +132,8 @@ def build_teachers(cfg: Config, num_classes: int | None, data_cfg) -> list[nn.Mo
             model = build_model(spec.name, weights=spec.weights, trust_checkpoint=cfg.run.trust_checkpoint, **kwargs)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"teachers.{i} ({spec.name}): {exc}") from exc
-        teachers.append(Teacher(model, input_mean=mean, input_std=std))
+        cnn = not is_vit(model) and any(isinstance(m, nn.Conv2d) for m in model.modules())
+        teachers.append(Teacher(model, input_mean=mean, input_std=std, dtype=dtype, channels_last=cnn))
     return teachers
 
 

@@ -161,7 +161,7 @@ class Trainer:
                 teachers = placeholder_teachers(cfg)
             else:  # the run's later randomness (method extras, dropout) must not depend on building the teachers
                 with torch.random.fork_rng(devices=[]):
-                    teachers = builders.build_teachers(cfg, self.num_classes, self.data_cfg)
+                    teachers = builders.build_teachers(cfg, self.num_classes, self.data_cfg, dtype=self.amp_dtype)
             method = builders.build_method(cfg, student, teachers)
         self.method = method
         method.to(self.device)

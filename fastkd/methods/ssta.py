@@ -228,6 +228,11 @@ class SSTA(Method):
             raise ValueError("rows='cls' needs a CLS token in the student, the teacher and the TA")
         self._layout = lay
         self._tokens = {who: canonical_tokens(l, keep_cls) for who, l in lay.items()}
+        # built once, not per step: the chosen heads as Python ints (host reads of the buffer happen once, and
+        # again only after load_state_dict) and the token index tensors per device
+        self._heads: tuple[int, int] | None = None
+        self._index: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_heads", None))
         self._distilled = hasattr(student, "dist_token") and hasattr(student, "head_dist")
         if self._distilled and hasattr(student, "set_distilled_training"):
             student.set_distilled_training(True)
@@ -267,6 +272,35 @@ class SSTA(Method):
         """``{"teacher": h_T*, "ta": h_A*}`` (None until chosen)."""
         return {who: (int(h) if int(h) >= 0 else None) for who, h in zip(_ROLES, self.heads.tolist())}
 
+    def _chosen_heads(self, batch: dict[str, Any], images: torch.Tensor) -> tuple[int, int]:
+        """``(h_T, h_A)``, chosen on the first batch when ``"auto"``; read from the buffer once."""
+        if self._heads is None:
+            if int(self.heads.min()) < 0:  # auto: score on clean images and their labels, not the Mixup/CutMix batch
+                clean = batch.get("clean_images")
+                if clean is None and "targets" in batch:
+                    raise ValueError("ssta importance='auto' scores heads on clean images, but this mixed batch has "
+                                     "no batch['clean_images'] (set keep_clean_images=True on the training loader, "
+                                     "or pass teacher_head/ta_head or an importance.json)")
+                self._auto_select(images if clean is None else clean, batch.get("labels"))
+            self._heads = (int(self.heads[0]), int(self.heads[1]))
+        return self._heads
+
+    def _tokens_on(self, who: str, device: torch.device) -> torch.Tensor:
+        """``self._tokens[who]`` as an index tensor on ``device`` (made once per device)."""
+        key = (who, device)
+        if key not in self._index:
+            self._index[key] = torch.tensor(self._tokens[who], device=device)
+        return self._index[key]
+
+    def _student_key_mask(self, num_tokens: int, device: torch.device) -> torch.Tensor:
+        """``[N_s]`` bool: True on the student's canonical tokens (made once per device)."""
+        key = ("key_mask", device)
+        if key not in self._index:
+            mask = torch.zeros(num_tokens, dtype=torch.bool, device=device)
+            mask[self._tokens_on("student", device)] = True
+            self._index[key] = mask
+        return self._index[key]
+
     # ---- attention term ------------------------------------------------------------------------------
     def _attention_term(self, rec_s, rec_t, who: str, student_head: int, teacher_head: int) -> torch.Tensor:
         q_s, k_s = rec_s.q, rec_s.k
@@ -289,22 +323,21 @@ class SSTA(Method):
         lse_t = rec_t.lse[:, teacher_head : teacher_head + 1] if own_scale and rec_t.lse is not None else None
         if len(idx_s) == N_s:  # the student has no extra token: take the teacher's canonical tokens
             if len(idx_t) != rec_t.q.shape[2]:
-                it = torch.tensor(idx_t, device=dev)
+                it = self._tokens_on(who, dev)
                 q_t, k_t = q_t[:, :, it], k_t[:, :, it]
                 lse_t = None  # keys dropped: another softmax
         else:  # drop the student's extra tokens through key_mask (columns) and rows
-            it, is_ = torch.tensor(idx_t, device=dev), torch.tensor(idx_s, device=dev)
+            it, is_ = self._tokens_on(who, dev), self._tokens_on("student", dev)
             pad_q = q_t.new_zeros(B, 1, N_s, q_t.shape[-1])
             pad_k = k_t.new_zeros(B, 1, N_s, k_t.shape[-1])
             pad_q[:, :, is_] = q_t[:, :, it]
             pad_k[:, :, is_] = k_t[:, :, it]
             q_t, k_t = pad_q, pad_k
-            key_mask = torch.zeros(N_s, dtype=torch.bool, device=dev)
-            key_mask[is_] = True
+            key_mask = self._student_key_mask(N_s, dev)
             rows = is_
             lse_s = lse_t = None  # masked keys: another softmax (and key_mask with given LSEs is not supported)
         if self.rows == "cls":
-            rows = torch.tensor([idx_s[0]], device=dev)
+            rows = self._tokens_on("student", dev)[:1]
         return attention_kl(
             q_s, k_s, q_t, k_t, pairs=[(student_head, 0)], scale_s=rec_s.scale / self.tau,
             scale_t=rec_t.scale / self.tau, rows=rows, key_mask=key_mask, reduction="mean", direction=self.direction,
@@ -321,14 +354,7 @@ class SSTA(Method):
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         images = images_of(batch, "ssta")
-        if int(self.heads.min()) < 0:  # auto: score on clean images and their labels, not the Mixup/CutMix batch
-            clean = batch.get("clean_images")
-            if clean is None and "targets" in batch:
-                raise ValueError("ssta importance='auto' scores heads on clean images, but this mixed batch has no "
-                                 "batch['clean_images'] (set keep_clean_images=True on the training loader, or pass "
-                                 "teacher_head/ta_head or an importance.json)")
-            self._auto_select(images if clean is None else clean, batch.get("labels"))
-        h_t, h_a = (int(h) for h in self.heads.tolist())
+        h_t, h_a = self._chosen_heads(batch, images)
         teacher, ta = self.teachers
         record = ("q", "k", "lse") if self.tau == 1.0 else ("q", "k")  # see _attention_term
         with AttentionTaps(self.student, blocks=[self.layers["student"]], record=record) as s_taps:

@@ -417,6 +417,17 @@ class _TapState:
         return _TapState(self.adapter, self.backend)
 
 
+@contextlib.contextmanager
+def _outside_inference_mode() -> Iterator[None]:
+    """A tapped block inside ``torch.inference_mode`` (a frozen :class:`fastkd.models.Teacher`) runs under
+    ``no_grad`` instead, so its records are ordinary tensors a loss may save for its backward."""
+    if not torch.is_inference_mode_enabled():
+        yield
+        return
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
 def _tapped_forward(self: nn.Module, *args, **kwargs):
     """The module's own forward, its attention call handed to :func:`_attend`; see the module docstring."""
     state: _TapState = self._fastkd_taps
@@ -425,7 +436,7 @@ def _tapped_forward(self: nn.Module, *args, **kwargs):
         return type(self).forward(self, *args, **kwargs)
     adapter = state.adapter
     state.calls = 0
-    with adapter.fused(self) if adapter.fused is not None else contextlib.nullcontext():
+    with _outside_inference_mode(), adapter.fused(self) if adapter.fused is not None else contextlib.nullcontext():
         with _RouteAttention(functools.partial(_attend, self, active)):
             y = type(self).forward(self, *args, **kwargs)
     if state.calls != adapter.calls:

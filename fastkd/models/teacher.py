@@ -28,7 +28,7 @@ def _check_stats(name: str, value: Sequence[float]) -> torch.Tensor:
 
 
 class Teacher(nn.Module):
-    """A frozen teacher: eval mode, parameters without grad, forward under ``no_grad``.
+    """A frozen teacher: eval mode, parameters without grad, forward under ``torch.inference_mode``.
 
     The batch arrives normalized for the *student* (``(x - input_mean) / input_std``); the teacher
     re-normalizes it to its own statistics (``mean``/``std``, by default from the model's timm
@@ -38,9 +38,15 @@ class Teacher(nn.Module):
         model: the teacher network (e.g. from :func:`fastkd.models.build_model`).
         input_mean, input_std: the statistics the incoming batch is normalized with (the student's).
         mean, std: the teacher's own statistics; None reads them from ``model.pretrained_cfg``.
-        dtype: e.g. ``torch.bfloat16``: cast the weights and the input (halves memory and runs the GEMMs in
-            bf16); outputs are returned in float32. None keeps the model's dtype.
+        dtype: e.g. ``torch.bfloat16``: cast the weights once, here, and the input per call (halves memory and
+            runs the GEMMs in bf16 without autocast re-casting fp32 weights every step); outputs are returned
+            in float32. None keeps the model's dtype.
         channels_last: convert weights and input to channels-last (helps convolutional teachers on GPUs).
+
+    Outputs (and what attention taps record inside the forward) are made under ``torch.inference_mode`` (no
+    autograd bookkeeping, no version counters); the returned outputs are ordinary tensors, so a loss may use
+    them in its backward. Tap records stay inference tensors: a loss that saves one for its backward clones the
+    slice it uses (``.clone()`` outside inference mode gives an ordinary tensor).
         grad_to_input: run the forward with autograd so gradients flow to the *activations* (weights stay
             frozen), e.g. for head importance or teacher stages a loss differentiates through.
 
@@ -115,11 +121,14 @@ class Teacher(nn.Module):
         return x
 
     def _ctx(self):
-        return torch.enable_grad() if self.grad_to_input else torch.no_grad()
+        return torch.enable_grad() if self.grad_to_input else torch.inference_mode()
 
     @staticmethod
     def _out(y):
+        """Float32 ordinary tensors (called outside inference mode: a float copy, or a clone of an fp32 output)."""
         if isinstance(y, torch.Tensor):
+            if y.is_inference():
+                return y.float() if y.is_floating_point() and y.dtype != torch.float32 else y.clone()
             return y.float() if y.is_floating_point() else y
         if isinstance(y, (tuple, list)):
             return type(y)(Teacher._out(t) for t in y)
@@ -128,15 +137,18 @@ class Teacher(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Teacher logits (float32) for a student-normalized batch."""
         with self._ctx():
-            return self._out(self.model(self.normalize(images)))
+            y = self.model(self.normalize(images))
+        return self._out(y)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """timm ``forward_features`` (unpooled tokens / feature map), float32."""
         with self._ctx():
-            return self._out(self.model.forward_features(self.normalize(images)))
+            y = self.model.forward_features(self.normalize(images))
+        return self._out(y)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled pre-logits embedding ``[B, D]`` (timm ``forward_head(pre_logits=True)``), float32."""
         with self._ctx():
             x = self.model.forward_features(self.normalize(images))
-            return self._out(self.model.forward_head(x, pre_logits=True))
+            y = self.model.forward_head(x, pre_logits=True)
+        return self._out(y)

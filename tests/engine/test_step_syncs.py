@@ -10,6 +10,8 @@ exactly the calls that would be on CUDA: the step under test is the same code.
 
 from __future__ import annotations
 
+import traceback
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -38,6 +40,12 @@ def _bool_index(index) -> bool:
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
 
 
+def _where() -> str:
+    """The innermost fastkd frame of the current stack (``fastkd/<file>:<line>``), for the failure message."""
+    frames = [f for f in traceback.extract_stack() if "/fastkd/" in f.filename and "/tests/" not in f.filename]
+    return f"{frames[-1].filename.rsplit('/fastkd/', 1)[-1]}:{frames[-1].lineno}" if frames else "?"
+
+
 class _HostReads(TorchFunctionMode):
     def __init__(self, calls: list[str]):
         super().__init__()
@@ -45,9 +53,9 @@ class _HostReads(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in HOST_READS:
-            self.calls.append(func.__name__)
+            self.calls.append(f"{func.__name__} at {_where()}")
         elif func is torch.Tensor.__getitem__ and _bool_index(args[1]):
-            self.calls.append("boolean-mask index")
+            self.calls.append(f"boolean-mask index at {_where()}")
         return func(*args, **(kwargs or {}))
 
 
@@ -71,13 +79,13 @@ class SyncCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if func in SYNC_OPS:
-            self.calls.append(str(func))
+            self.calls.append(f"{func} at {_where()}")
         elif func in COPY_OPS:
             src = args[1] if func is aten.copy_.default else args[0]
             dst = args[0] if func is aten.copy_.default else out
             if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.device.type != "cpu" \
                     and dst.device.type == "cpu":
-                self.calls.append(f"{func} device->host")
+                self.calls.append(f"{func} device->host at {_where()}")
         return out
 
 
@@ -95,7 +103,7 @@ def _trainer(tmp_path, recipe: str, *extra: str) -> Trainer:
     cfg = load_config(recipe_path(recipe), [f"run.output_dir={tmp_path}", f"run.name={recipe}", "run.device=cpu",
                                             "train.steps=12", "train.log_every=4", "train.eval=false",
                                             "train.clip_grad=1.0", "train.progress=false", *extra])
-    loader = MemoryLoader(n=64, batch_size=4, num_classes=cfg.data.num_classes, size=cfg.data.img_size)
+    loader = MemoryLoader(n=64, batch_size=4, num_classes=cfg.data.num_classes or 4, size=cfg.data.img_size)
     return Trainer(cfg, train_loader=loader, console=False)
 
 
@@ -110,14 +118,25 @@ def _syncs_per_step(tr: Trainer, steps: int = 4) -> list[list[str]]:
     return per_step  # steps 2, 3, 4, 5: step 4 is a logging step (log_every=4)
 
 
-# methods without attention KL: the trainer's own step must be free of syncs
-@pytest.mark.parametrize("recipe", ["hinton_tiny", "supervised_tiny", "deit_tiny"])
+# methods without attention KL: the whole step must be free of syncs
+@pytest.mark.parametrize("recipe", ["hinton_tiny", "supervised_tiny", "deit_tiny", "scalekd_tiny", "coadvise_tiny"])
 def test_steady_state_step_has_no_host_sync_outside_logging_steps(tmp_path, recipe):
     tr = _trainer(tmp_path, recipe)
     assert tr.placement.device_skip  # fused AdamW: non-finite steps are skipped on the device
     per_step = _syncs_per_step(tr)
     assert per_step[0] == [] and per_step[1] == [] and per_step[3] == [], per_step
     assert 1 <= len(per_step[2]) <= 2, per_step  # the logging step reads the non-finite record
+
+
+# attention methods: attention_kl (fastkd/functional.py) is being made sync-free in the custom-op work (issue 12,
+# `registry`); until then this test holds the trainer, the taps and the methods around it to no sync at all
+@pytest.mark.parametrize("recipe", ["ssta_tiny", "attndistill_tiny"])
+def test_attention_method_step_syncs_only_inside_attention_kl(tmp_path, recipe):
+    tr = _trainer(tmp_path, recipe)
+    per_step = _syncs_per_step(tr)
+    for i in (0, 1, 3):
+        outside = [c for c in per_step[i] if " at functional.py:" not in c]
+        assert outside == [], per_step[i]
 
 
 def test_nonfinite_step_is_skipped_on_the_device_and_reported_at_the_next_logging_step(tmp_path):
