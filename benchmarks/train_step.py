@@ -9,10 +9,19 @@ AdamW step, LR schedule), for these variants:
 ``hinton``           (b) Hinton logit KD (``fastkd.methods``)
 ``attn1/4/12``       (c) SSTA-style head-level attention KD on the last 1, 4, 12 layers (+ CE), through
                      ``fastkd.functional.attention_kl`` with fastkd's kernels (Triton on CUDA)
-``attn1/4/12_eager`` (d) the same with the materializing eager loss (``FASTKD_KERNELS=reference``)
+``attn1/4/12_eager`` (d) the honest eager baseline, what a user would write: the same loss on materialised
+                     ``[B, N, N]`` softmax maps of the selected heads only, in the autocast dtype (bf16 on GPU)
 ``ssta``             SSTA itself (``fastkd.methods``: 1 layer, 2 heads, teacher = TA), when registered
 ``attndistill``      (e) AttnDistill (``fastkd.methods``)
 ===================  ====================================================================================
+
+Every variant runs eager and, with ``--compile on|both``, with ``train.compile=true`` (``compile`` in the config
+column). Besides the timings, each configuration records ``host_syncs`` (the host synchronisations of one
+steady-state step, :class:`fastkd.engine.syncs.SyncCounter`) and ``kd_overhead`` (step time over the no-KD step's
+at the same batch, resolution, data and compile setting, minus 1).
+
+``--recipes`` measures the shipped ``*_tiny`` recipes instead (their own models and method, synthetic batches, the
+CPU CSV ``train_step_recipes_cpu.csv``): ``supervised_tiny`` is the no-KD step.
 
 Variants whose method is not registered in this build are reported as ``skipped`` rows, never errors. Each
 configuration is timed with synthetic batches already on the device (``data=none``), then with the fastkd
@@ -33,6 +42,7 @@ Usage::
     python benchmarks/train_step.py --img-size 224 --data loader --variants none hinton attn12 attn12_eager
     python benchmarks/train_step.py --variants none attn12 attn12_eager --batch 256 --img-size 224 --data none
     fastkd bench train --tiny --out /tmp/bench             # CPU smoke run, seconds
+    python benchmarks/train_step.py --recipes --compile both   # the tiny recipes, eager and compiled (CPU CSV)
 
 Rows that run out of GPU memory are recorded with ``status=oom`` (the eager loss at 384 px, batch 256, 12 layers
 is expected to).
@@ -41,7 +51,7 @@ is expected to).
 from __future__ import annotations
 
 import argparse
-import contextlib
+import json
 import math
 import os
 import sys
@@ -99,9 +109,20 @@ def make_teacher_ce(student, teacher):
     return TeacherForwardCE(student, [teacher])
 
 
-def make_attention_kd(student, teacher, layers: int, impl: str | None):
+def eager_attention_kl(q_s, k_s, q_t, k_t, pairs, scale_s: float, scale_t: float) -> torch.Tensor:
+    """(d): the loss as a user writes it: the selected heads' ``[B, P, N, N]`` maps materialised in the input dtype
+    (bf16 under autocast), KL(teacher ‖ student) summed over keys, rows and heads, divided by B (``batchmean``)."""
+    hs = [p[0] for p in pairs]
+    ht = [p[1] for p in pairs]
+    log_p_s = torch.log_softmax(scale_s * q_s[:, hs] @ k_s[:, hs].transpose(-1, -2), dim=-1)
+    log_p_t = torch.log_softmax(scale_t * q_t[:, ht] @ k_t[:, ht].transpose(-1, -2), dim=-1)
+    return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum") / q_s.shape[0]
+
+
+def make_attention_kd(student, teacher, layers: int, eager: bool):
     """(c)/(d): CE + mean over the last ``layers`` blocks of KL(teacher head ‖ student head) attention rows, student
-    head h <- teacher head h·H_t/H_s (SSTA's head-level pairing, every student head), all rows."""
+    head h <- teacher head h·H_t/H_s (SSTA's head-level pairing, every student head), all rows; fastkd's
+    ``attention_kl``, or (``eager``) :func:`eager_attention_kl`."""
     from fastkd.functional import attention_kl
     from fastkd.models import AttentionTaps
 
@@ -130,8 +151,12 @@ def make_attention_kd(student, teacher, layers: int, impl: str | None):
             for b in self.layers:
                 s, t = self.s_taps[b], self.t_taps[b]
                 n = s.q.shape[2]
-                attn = attn + attention_kl(s.q, s.k, t.q.detach(), t.k.detach(), pairs=self.pairs, scale_s=s.scale,
-                                           scale_t=t.scale, reduction="batchmean", impl=impl) / (n * len(self.pairs))
+                if eager:
+                    kl = eager_attention_kl(s.q, s.k, t.q.detach(), t.k.detach(), self.pairs, s.scale, t.scale)
+                else:
+                    kl = attention_kl(s.q, s.k, t.q.detach(), t.k.detach(), pairs=self.pairs, scale_s=s.scale,
+                                      scale_t=t.scale, reduction="batchmean")
+                attn = attn + kl / (n * len(self.pairs))
             attn = attn / len(self.layers)
             self.s_taps.clear()
             self.t_taps.clear()
@@ -166,7 +191,7 @@ def build_method(variant: str, student, teacher, teacher_factory):
         depth = len(student.blocks)
         if layers > depth:
             return f"student has {depth} blocks < {layers}"
-        return make_attention_kd(student, teacher, layers, "reference" if variant.endswith("_eager") else None)
+        return make_attention_kd(student, teacher, layers, eager=variant.endswith("_eager"))
     if not _registered(variant):
         return f"method {variant} is not registered in this build"
     if variant == "hinton":
@@ -188,10 +213,14 @@ class SyntheticBatches:
 
     backend = "synthetic"
 
-    def __init__(self, batch: int, img_size: int, num_classes: int, device: torch.device, n: int = 2):
+    def __init__(self, batch: int, img_size: int, num_classes: int, device: torch.device, n: int = 2, views: int = 1):
         g = torch.Generator(device="cpu").manual_seed(0)
+
+        def images():
+            return torch.randn(batch, 3, img_size, img_size, generator=g).to(device)
+
         self.batches = [
-            {"images": torch.randn(batch, 3, img_size, img_size, generator=g).to(device),
+            {"images": images() if views == 1 else [images() for _ in range(views)],
              "labels": torch.randint(0, num_classes, (batch,), generator=g).to(device)}
             for _ in range(n)
         ]
@@ -224,26 +253,11 @@ def jpeg_folder(root: Path, num_images: int) -> Path:
 # measurement
 
 
-@contextlib.contextmanager
-def _kernels_env(value: str | None):
-    old = os.environ.get("FASTKD_KERNELS")
-    if value is not None:
-        os.environ["FASTKD_KERNELS"] = value
-    try:
-        yield
-    finally:
-        if value is not None:
-            if old is None:
-                os.environ.pop("FASTKD_KERNELS", None)
-            else:
-                os.environ["FASTKD_KERNELS"] = old
-
-
 def measure(variant: str, *, models: dict, batch: int, img_size: int, data: str, device: torch.device, steps: int,
-            warmup: int, amp: str, workdir: Path, data_root: Path | None, num_classes: int) -> dict[str, Any]:
-    """One row: build the pieces, run ``warmup`` + ``steps`` engine steps, return timings."""
+            warmup: int, amp: str, workdir: Path, data_root: Path | None, num_classes: int,
+            compile: bool = False) -> dict[str, Any]:
+    """One configuration: build the pieces, run ``warmup`` + ``steps`` engine steps, return timings."""
     from fastkd.config import from_dict
-    from fastkd.engine.trainer import Trainer
     from fastkd.models import Teacher
     from fastkd.models import build_model
 
@@ -264,8 +278,8 @@ def measure(variant: str, *, models: dict, batch: int, img_size: int, data: str,
                  min(8, os.cpu_count() or 1) if data == "loader" else 0, "backend": "auto", "num_classes": num_classes,
                  "scale": [0.08, 1.0]},
         "optim": {"name": "adamw", "lr": 5e-4},
-        "train": {"steps": warmup + steps, "clip_grad": 1.0, "amp": amp, "progress": False, "eval": False,
-                  "log_every": 1 << 20},
+        "train": {"steps": warmup + steps + 2, "clip_grad": 1.0, "amp": amp, "progress": False, "eval": False,
+                  "log_every": 1 << 20, "compile": compile},
     })
     if data == "loader":
         from fastkd.data import build_loader
@@ -274,24 +288,96 @@ def measure(variant: str, *, models: dict, batch: int, img_size: int, data: str,
         loader = build_loader(data_config(cfg, device), "train", 0, 1)
     else:
         loader = SyntheticBatches(batch, img_size, num_classes, device)
-    kernels = "reference" if variant.endswith("_eager") else None
-    with _kernels_env(kernels):
-        trainer = Trainer(cfg, method=method, train_loader=loader, console=False)
-        try:
-            it = iter(_cycle(loader))
-            for _ in range(warmup):
-                trainer.train_step(it)
-            waits = []
+    return time_steps(cfg, method, loader, device, batch=batch, steps=steps, warmup=warmup)
 
-            def step():
-                waits.append(trainer.train_step(it)["data_wait"])
 
-            with C.PeakMemory(device) as mem:
-                timing = C.time_fn(step, device, warmup=0, reps=steps, wall=True)
-        finally:
-            trainer.close()
+def time_steps(cfg, method, loader, device: torch.device, *, batch: int, steps: int, warmup: int) -> dict[str, Any]:
+    """``warmup`` untimed engine steps (compilation, first-batch work), ``steps`` timed ones, then one more step
+    under :class:`fastkd.engine.syncs.SyncCounter` (not a logging step): timings, images/s, host syncs."""
+    from fastkd.engine.syncs import SyncCounter
+    from fastkd.engine.trainer import Trainer
+
+    trainer = Trainer(cfg, method=method, train_loader=loader, console=False)
+    try:
+        it = iter(_cycle(loader))
+        for _ in range(warmup):
+            trainer.train_step(it)
+        waits = []
+
+        def step():
+            waits.append(trainer.train_step(it)["data_wait"])
+
+        with C.PeakMemory(device) as mem:
+            timing = C.time_fn(step, device, warmup=0, reps=steps, wall=True)
+        with SyncCounter() as syncs:
+            trainer.train_step(it)
+    finally:
+        trainer.close()
     return {"status": "ok", "timing": timing, "img_per_s": batch / (timing.p50 / 1e3),
-            "data_wait_frac": sum(waits) / max(timing.total_ms / 1e3, 1e-9), "peak_mib": mem.extra_mib}
+            "data_wait_frac": sum(waits) / max(timing.total_ms / 1e3, 1e-9), "peak_mib": mem.extra_mib,
+            "host_syncs": len(syncs.calls), "sync_sites": sorted(set(syncs.calls))}
+
+
+def result_rows(env: dict[str, Any], base: dict[str, Any], res: dict[str, Any]) -> list[dict[str, Any]]:
+    """The CSV rows of one measured configuration (one per metric)."""
+    if res["status"] != "ok":
+        return [C.row(env, **base, status=res["status"], note=res["note"])]
+    return [
+        C.row(env, **base, metric="step_time", unit="ms", value=res["timing"]),
+        C.row(env, **base, metric="images_per_s", unit="img/s", value=res["img_per_s"]),
+        C.row(env, **base, metric="data_wait_frac", unit="1", value=res["data_wait_frac"]),
+        C.row(env, **base, metric="peak_extra_memory", unit="MiB", value=res["peak_mib"]),
+        C.row(env, **base, metric="host_syncs", unit="1/step", value=res["host_syncs"],
+              note="; ".join(res["sync_sites"])[:300]),
+    ]
+
+
+NO_KD = ("none", "supervised_tiny")  # the no-KD step of the variants / of the recipes
+
+
+def kd_overhead_rows(env: dict[str, Any], measured: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[dict]:
+    """``kd_overhead`` rows: step time / the no-KD step's at the same batch, resolution, data and compile
+    setting, minus 1 (``measured``: (row base, result) pairs)."""
+
+    def key(base):
+        c = base["config"]
+        return tuple(c.get(k) for k in ("batch", "img_size", "data", "compile"))
+
+    ref = {key(b): r["timing"].p50 for b, r in measured if b["provider"] in NO_KD and r["status"] == "ok"}
+    return [C.row(env, **b, metric="kd_overhead", unit="1", value=r["timing"].p50 / ref[key(b)] - 1.0)
+            for b, r in measured if r["status"] == "ok" and key(b) in ref and b["provider"] not in NO_KD]
+
+
+def shipped_tiny_recipes() -> list[str]:
+    import importlib.resources
+
+    root = importlib.resources.files("fastkd") / "recipes"
+    return sorted(r.name[:-5] for r in root.iterdir() if r.name.endswith("_tiny.yaml"))
+
+
+def measure_recipe(recipe: str, *, device: torch.device, steps: int, warmup: int, compile: bool,
+                   workdir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A shipped recipe's step: its own models and method (built as ``fastkd train`` builds them), synthetic batches
+    of its image and batch size on the device. Returns (config, result)."""
+    from fastkd.config import load_config
+    from fastkd.config import recipe_path
+    from fastkd.engine import builders
+
+    cfg = load_config(recipe_path(recipe), [f"run.output_dir={workdir}", f"run.name={recipe}_{compile}",
+                                            f"run.device={device.type}", "train.eval=false", "train.progress=false",
+                                            f"train.steps={warmup + steps + 2}", f"train.log_every={1 << 20}",
+                                            f"train.compile={str(compile).lower()}"])
+    num_classes = cfg.data.num_classes or 10
+    batch = cfg.train.batch_size or cfg.data.batch_size
+    config = {"method": cfg.method.name, "student": cfg.student.name,
+              "teacher": "+".join(t.name for t in cfg.teachers) or "none", "batch": batch,
+              "img_size": cfg.data.img_size, "data": "none", "amp": cfg.train.amp, "steps": steps, "compile": compile}
+    loader = SyntheticBatches(batch, cfg.data.img_size, num_classes, device, views=cfg.data.num_views)
+    data_cfg = builders.data_config(cfg, device)
+    student = builders.build_student(cfg, num_classes)
+    teachers = builders.build_teachers(cfg, num_classes, data_cfg, dtype=builders.amp_dtype(cfg, device))
+    method = builders.build_method(cfg, student, teachers)
+    return config, time_steps(cfg, method, loader, device, batch=batch, steps=steps, warmup=warmup)
 
 
 def _cycle(loader):
@@ -372,6 +458,11 @@ def parse_args(argv):
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--workdir", default=None, help="scratch folder for the JPEGs and run folders (default: a temp dir)")
+    p.add_argument("--compile", choices=("off", "on", "both"), default="off",
+                   help="train.compile of every configuration: off (eager), on, or both (each twice)")
+    p.add_argument("--recipes", nargs="*", default=None, metavar="R",
+                   help="measure shipped *_tiny recipes instead of the variants (no names: all of them; "
+                        "supervised_tiny, the no-KD step, is always added)")
     p.add_argument("--no-plot", action="store_true")
     C.add_force_dirty(p)
     return p.parse_args(argv)
@@ -394,12 +485,17 @@ def main(argv: list[str] | None = None) -> int:
     datas = ["none", "loader"] if args.data == "both" else [args.data]
     num_classes = 10 if tiny else args.num_classes
     out = Path(args.out) if args.out else RESULTS
-    mode = "tiny" if tiny else "full"
-    csv_path = out / f"train_step_{C.device_slug(device)}{'_tiny' if tiny else ''}.csv"
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    mode = "recipes" if args.recipes is not None else "tiny" if tiny else "full"
+    csv_path = out / f"train_step_{'recipes_' if mode == 'recipes' else ''}{C.device_slug(device)}" \
+                     f"{'_tiny' if mode == 'tiny' else ''}.csv"
     C.check_output(csv_path, args.force_dirty)
     env = C.stamp(device, ("timm",))
+    if mode == "recipes":
+        return run_recipes(args, device, env, csv_path, compiles)
     patch = models["kwargs"].get("patch_size", 16)
     rows: list[dict[str, Any]] = []
+    measured: list[tuple[dict[str, Any], dict[str, Any]]] = []
     failed = False
     with tempfile.TemporaryDirectory(prefix="fastkd_train_step_") as tmp:
         work = Path(args.workdir) if args.workdir else Path(tmp)
@@ -410,11 +506,12 @@ def main(argv: list[str] | None = None) -> int:
         for data in datas:
             for size in sizes:
                 for batch in batches:
-                    for variant in variants:
+                    for variant, compiled in ((v, c) for v in variants for c in compiles):
                         try:
                             res = measure(variant, models=models, batch=batch, img_size=size, data=data,
                                           device=device, steps=steps, warmup=warmup, amp=args.amp,
-                                          workdir=work / "runs", data_root=data_root, num_classes=num_classes)
+                                          workdir=work / "runs", data_root=data_root, num_classes=num_classes,
+                                          compile=compiled)
                         except torch.cuda.OutOfMemoryError:
                             res = {"status": "oom", "note": "CUDA out of memory"}
                         except Exception as exc:  # a broken variant must not hide the others
@@ -426,25 +523,15 @@ def main(argv: list[str] | None = None) -> int:
                         config = {"method": variant.split("_")[0], "student": models["student"],
                                   "teacher": models["teacher"], "batch": batch, "img_size": size, "data": data,
                                   "amp": args.amp, "steps": steps, "tokens": (size // patch) ** 2 + 1,
-                                  "kernels": "reference" if variant.endswith("_eager") else "default",
-                                  "layers": _layers(variant)}
+                                  "kernels": "eager-maps" if variant.endswith("_eager") else "default",
+                                  "layers": _layers(variant), "compile": compiled}
                         base = dict(benchmark="train_step", op="train_step", provider=variant, mode=mode,
                                     config=config)
-                        if res["status"] != "ok":
-                            failed |= res["status"] == "error"
-                            rows.append(C.row(env, **base, status=res["status"], note=res["note"]))
-                            print(f"{variant:>14} b={batch} {size}px data={data}: {res['status']} {res['note']}")
-                            continue
-                        t = res["timing"]
-                        rows += [
-                            C.row(env, **base, metric="step_time", unit="ms", value=t),
-                            C.row(env, **base, metric="images_per_s", unit="img/s", value=res["img_per_s"]),
-                            C.row(env, **base, metric="data_wait_frac", unit="1", value=res["data_wait_frac"]),
-                            C.row(env, **base, metric="peak_extra_memory", unit="MiB", value=res["peak_mib"]),
-                        ]
-                        print(f"{variant:>14} b={batch} {size}px data={data}: ok {res['img_per_s']:.1f} img/s "
-                              f"{t.p50:.1f} ms, peak +{res['peak_mib']:.0f} MiB, data wait "
-                              f"{res['data_wait_frac']:.1%}", flush=True)
+                        rows += result_rows(env, base, res)
+                        measured.append((base, res))
+                        failed |= res["status"] == "error"
+                        _print(f"{variant} b={batch} {size}px data={data} compile={compiled}", res)
+    rows += kd_overhead_rows(env, measured)
     C.write_rows(csv_path, rows, append=True)
     print(f"\n{env['device']} / {env['cpu_model']}  torch {env['torch']}  triton {env['triton']}  "
           f"commit {env['commit']}")
@@ -454,6 +541,47 @@ def main(argv: list[str] | None = None) -> int:
         if png:
             print(f"plot: {png}")
     return 1 if failed else 0
+
+
+def _print(what: str, res: dict[str, Any]) -> None:
+    if res["status"] != "ok":
+        print(f"{what}: {res['status']} {res['note']}", flush=True)
+        return
+    print(f"{what}: ok {res['img_per_s']:.1f} img/s {res['timing'].p50:.1f} ms, peak +{res['peak_mib']:.0f} MiB, "
+          f"data wait {res['data_wait_frac']:.1%}, {res['host_syncs']} host syncs/step", flush=True)
+
+
+def run_recipes(args, device: torch.device, env: dict[str, Any], csv_path: Path, compiles: list[bool]) -> int:
+    """``--recipes``: the shipped tiny recipes, eager and/or compiled, with their KD overhead over supervised_tiny."""
+    recipes = args.recipes or shipped_tiny_recipes()
+    recipes = [NO_KD[1]] + [r for r in recipes if r != NO_KD[1]]
+    steps = args.steps or 5
+    warmup = args.warmup if args.warmup is not None else 2
+    rows: list[dict[str, Any]] = []
+    measured: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    with tempfile.TemporaryDirectory(prefix="fastkd_train_step_") as tmp:
+        for recipe, compiled in ((r, c) for r in recipes for c in compiles):
+            try:
+                config, res = measure_recipe(recipe, device=device, steps=steps, warmup=warmup, compile=compiled,
+                                             workdir=Path(args.workdir or tmp))
+            except Exception as exc:  # a broken recipe must not hide the others
+                traceback.print_exc()
+                config, res = {"compile": compiled}, {"status": "error", "note": f"{type(exc).__name__}: {exc}"[:300]}
+            base = dict(benchmark="train_step", op="train_step", provider=recipe, mode="recipes", config=config)
+            rows += result_rows(env, base, res)
+            measured.append((base, res))
+            _print(f"{recipe} compile={compiled}", res)
+    rows += kd_overhead_rows(env, measured)
+    C.write_rows(csv_path, rows, append=True)
+    print(f"\n{env['device']} / {env['cpu_model']}  torch {env['torch']}  commit {env['commit']}")
+    for b, r in measured:
+        if r["status"] == "ok":
+            over = next((x["p50"] for x in rows if x["metric"] == "kd_overhead" and x["provider"] == b["provider"]
+                         and json.loads(x["config"])["compile"] == b["config"]["compile"]), "")
+            print(f"  {b['provider']:>18} compile={b['config']['compile']!s:5} {r['timing'].p50:8.1f} ms  "
+                  f"kd_overhead {over!s:>8}  host syncs {r['host_syncs']}")
+    print(f"rows appended to {csv_path}")
+    return 0 if all(r["status"] == "ok" for _, r in measured) else 1
 
 
 if __name__ == "__main__":

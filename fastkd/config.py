@@ -175,6 +175,7 @@ class TrainConfig:
     eval_every: int = 1  # epochs
     progress: bool = True  # tqdm progress bar (rank 0)
     channels_last: bool = False
+    compile: bool = False  # torch.compile the method's training forward (student, teachers with their taps, loss)
 
 
 @dataclass

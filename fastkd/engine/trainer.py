@@ -1,13 +1,17 @@
 """The training loop: one optimizer step = ``train.accum_steps`` micro-batches through ``method(batch)``.
 
-Per step: bf16 autocast on CUDA (fp32 on CPU unless ``train.amp`` says otherwise), backward, gradient
+Per step: bf16 autocast on CUDA (fp32 on CPU unless ``train.amp`` says otherwise), the method's forward
+(``torch.compile``-d with ``train.compile``: student, teachers with their taps and the loss), backward, gradient
 clipping, optimizer step (torch, DDP, or a DeepSpeed engine: :mod:`fastkd.engine.placement`), per-step LR
 schedule (timm), the method's EMA of the student (``method.update_ema``), ``method.on_step_end``. The method
 owns what is trained (its parameters), evaluated (``predict`` / ``features``) and checkpointed
 (``checkpoint_state``); the trainer owns the loop, the optimizer, the schedule and the run folder.
 
-Every step checks the loss for NaN/Inf *before* the optimizer step; a non-finite loss saves a checkpoint (the
-parameters are still the last finite ones) and stops with a :class:`NonFiniteLossError` naming the loss part.
+No host synchronisation in a steady-state step: the loss parts, the gradient norm and a non-finite flag stay on
+the device. A step whose loss or gradient norm is NaN/Inf is skipped on the device (the fused optimizer's
+``found_inf``, as AMP does); the record is read on logging steps (every step where the placement cannot skip on
+the device), which then save a checkpoint (no non-finite update was applied) and stop with a
+:class:`NonFiniteLossError` naming the loss part and the step.
 
 Logging: a tqdm bar with loss and img/s; JSONL records every ``train.log_every`` steps (loss parts, lr, img/s,
 step time, data-wait fraction, peak memory); TensorBoard when installed; a summary table at the end.
@@ -168,6 +172,8 @@ class Trainer:
         if t.channels_last:
             method.student.to(memory_format=torch.channels_last)
         self._place_teachers()
+        if t.compile:  # in place: parameter names, state_dict and checkpoints stay those of the method
+            method.compile()
 
         # ---- optimizer, schedule
         micro = getattr(self.data_cfg, "batch_size", None) or _guess_batch(train_loader)

@@ -421,7 +421,7 @@ class _TapState:
 def _outside_inference_mode() -> Iterator[None]:
     """A tapped block inside ``torch.inference_mode`` (a frozen :class:`fastkd.models.Teacher`) runs under
     ``no_grad`` instead, so its records are ordinary tensors a loss may save for its backward."""
-    if not torch.is_inference_mode_enabled():
+    if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():  # compiled: no_grad, see Teacher
         yield
         return
     with torch.inference_mode(False), torch.no_grad():

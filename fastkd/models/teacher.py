@@ -121,13 +121,16 @@ class Teacher(nn.Module):
         return x
 
     def _ctx(self):
-        return torch.enable_grad() if self.grad_to_input else torch.inference_mode()
+        if self.grad_to_input:
+            return torch.enable_grad()
+        # under torch.compile no_grad gives the same graph (and inference_mode would break it)
+        return torch.no_grad() if torch.compiler.is_compiling() else torch.inference_mode()
 
     @staticmethod
     def _out(y):
         """Float32 ordinary tensors (called outside inference mode: a float copy, or a clone of an fp32 output)."""
         if isinstance(y, torch.Tensor):
-            if y.is_inference():
+            if not torch.compiler.is_compiling() and y.is_inference():
                 return y.float() if y.is_floating_point() and y.dtype != torch.float32 else y.clone()
             return y.float() if y.is_floating_point() else y
         if isinstance(y, (tuple, list)):

@@ -1,92 +1,17 @@
-"""A steady-state training step reads nothing back to the host outside logging steps (issue 12).
-
-A :class:`~torch.utils._python_dispatch.TorchDispatchMode` records every op that synchronises a device with the
-host: ``_local_scalar_dense`` (``.item()``, ``float()``, ``bool()``), ops whose output size depends on the data
-(``nonzero``, ``unique``, ``masked_select``, ``repeat_interleave`` without a size), ``equal``, and copies from a
-device to the CPU; a :class:`~torch.overrides.TorchFunctionMode` adds what never reaches the dispatcher on a CPU
-tensor (``.tolist()``, ``.numpy()``, boolean-mask indexing). On the CPU these are not real waits, but they are
-exactly the calls that would be on CUDA: the step under test is the same code.
-"""
+"""A steady-state training step reads nothing back to the host outside logging steps (issue 12); the counter is
+:class:`fastkd.engine.syncs.SyncCounter`."""
 
 from __future__ import annotations
 
-import traceback
-
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastkd.config import load_config
 from fastkd.config import recipe_path
+from fastkd.engine.syncs import SyncCounter
 from fastkd.engine.trainer import NonFiniteLossError
 from fastkd.engine.trainer import Trainer
 from tests.engine.helpers import MemoryLoader
-
-aten = torch.ops.aten
-SYNC_OPS = {
-    aten._local_scalar_dense.default, aten.nonzero.default, aten.nonzero.out, aten._unique.default,
-    aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default, aten.masked_select.default,
-    aten.repeat_interleave.Tensor, aten.equal.default,
-}
-COPY_OPS = {aten._to_copy.default, aten.copy_.default}
-
-
-HOST_READS = {torch.Tensor.tolist, torch.Tensor.numpy}
-
-
-def _bool_index(index) -> bool:
-    items = index if isinstance(index, tuple) else (index,)
-    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
-
-
-def _where() -> str:
-    """The innermost fastkd frame of the current stack (``fastkd/<file>:<line>``), for the failure message."""
-    frames = [f for f in traceback.extract_stack() if "/fastkd/" in f.filename and "/tests/" not in f.filename]
-    return f"{frames[-1].filename.rsplit('/fastkd/', 1)[-1]}:{frames[-1].lineno}" if frames else "?"
-
-
-class _HostReads(TorchFunctionMode):
-    def __init__(self, calls: list[str]):
-        super().__init__()
-        self.calls = calls
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in HOST_READS:
-            self.calls.append(f"{func.__name__} at {_where()}")
-        elif func is torch.Tensor.__getitem__ and _bool_index(args[1]):
-            self.calls.append(f"boolean-mask index at {_where()}")
-        return func(*args, **(kwargs or {}))
-
-
-class SyncCounter(TorchDispatchMode):
-    """Records the host synchronisations of the ops run under it (``self.calls``: op names)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[str] = []
-        self._reads = _HostReads(self.calls)
-
-    def __enter__(self):
-        self._reads.__enter__()
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        super().__exit__(*exc)
-        return self._reads.__exit__(*exc)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func in SYNC_OPS:
-            self.calls.append(f"{func} at {_where()}")
-        elif func in COPY_OPS:
-            src = args[1] if func is aten.copy_.default else args[0]
-            dst = args[0] if func is aten.copy_.default else out
-            if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.device.type != "cpu" \
-                    and dst.device.type == "cpu":
-                self.calls.append(f"{func} device->host at {_where()}")
-        return out
 
 
 def test_counter_sees_each_kind_of_sync():
