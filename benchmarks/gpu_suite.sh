@@ -14,6 +14,10 @@
 #   train224, train384, trainloader
 #               benchmarks/train_step.py (DeiT-S <- DeiT-B, bf16, batch 128/256): 224 px and 384 px without data,
 #               then 224 px through the loader; `train` runs all three (too long for one command)
+#   traincompile
+#               benchmarks/train_step.py, 224 px, batch 256: no KD, Hinton, 12-layer attention KD (fastkd and the
+#               eager bf16-maps baseline), SSTA, AttnDistill, each eager and with train.compile; prints the KD
+#               overhead over the no-KD step and the host syncs per step
 #   summary     print a short table of what came back
 # Everything (CSVs, plots, logs, junit XML) lands in $OUT; copy the CSVs/PNGs to benchmarks/results/.
 # DRY_RUN=1 runs every stage at smoke size on a CPU-only machine (GPU parts skipped) to check the script.
@@ -23,7 +27,7 @@ OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(install tests kernels_bf16 kernels_fp32 importance train224 train384 trainloader summary)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(install tests kernels_bf16 kernels_fp32 importance train224 train384 trainloader traincompile summary)
 DRY=${DRY_RUN:-0}
 
 log() { echo "[gpu_suite $(date -u +%H:%M:%S)] $*" | tee -a "$OUT/suite.log"; }
@@ -78,6 +82,11 @@ stage_train224() { _train 224 --img-size 224 --data none; }
 stage_train384() { _train 384 --img-size 384 --data none; }
 stage_trainloader() { _train loader --img-size 224 --data loader --variants none hinton attn12 attn12_eager; }
 stage_train() { stage_train224; stage_train384; stage_trainloader; }
+stage_traincompile() {
+  _train compile --img-size 224 --batch 256 --data none --compile both \
+    --variants none hinton attn12 attn12_eager ssta attndistill
+  grep -E "^(variant|none|hinton|attn|ssta|attndistill) " "$OUT/bench_train_step_compile.log" || true
+}
 
 stage_summary() {
   # every benchmark CSV has the long schema of benchmarks/_common.py (one measured quantity per row)
@@ -89,7 +98,7 @@ for path in sorted(glob.glob(os.path.join(out, "*.csv")) + glob.glob(os.path.joi
     print(f"\n{os.path.basename(path)}: {len(rows)} rows")
     if rows and "metric" not in rows[0]:
         continue
-    shown = [r for r in rows if r["metric"] in ("time", "step_time", "images_per_s", "") and r["mode"] in ("full", "train", "tiny", "")]
+    shown = [r for r in rows if r["metric"] in ("time", "step_time", "images_per_s", "kd_overhead", "host_syncs", "") and r["mode"] in ("full", "train", "tiny", "")]
     for r in shown[:24]:
         extra = f" floor={r['floor_ms']} design={r['design_bound_ms']}" if r.get("floor_ms") else ""
         print(f"  {r['benchmark']} {r['op']} {r['provider']} {r['mode']} {json.dumps(json.loads(r['config'] or '{}'))} "

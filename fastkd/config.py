@@ -175,7 +175,9 @@ class TrainConfig:
     eval_every: int = 1  # epochs
     progress: bool = True  # tqdm progress bar (rank 0)
     channels_last: bool = False
-    compile: bool = False  # torch.compile the method's training forward (student, teachers with their taps, loss)
+    # torch.compile the training forward (student, teachers with their taps, loss); off on CUDA too until the GPU
+    # suite (benchmarks/gpu_suite.sh traincompile) shows it helps
+    compile: bool = False
 
 
 @dataclass
