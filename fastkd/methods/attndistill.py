@@ -183,12 +183,17 @@ class AttnDistill(Method):
         self._record = ("q", "k") if self.exact_official or self.aggregation else ("q", "k", "lse")
 
     # ---- pieces ----------------------------------------------------------------------------------
-    @staticmethod
-    def _keys(layout) -> torch.Tensor | None:
-        """Key indices CLS + patches (None when there is no extra prefix token to drop)."""
+    def _keys(self, layout, device: torch.device) -> torch.Tensor | None:
+        """Key indices CLS + patches on ``device`` (None when there is no extra prefix token to drop); made once per
+        layout and device, not per step."""
         if layout.extra == 0:
             return None
-        return torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(layout.prefix, layout.num_tokens)])
+        cache = self.__dict__.setdefault("_key_index", {})
+        key = (layout, device)
+        if key not in cache:
+            cache[key] = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(layout.prefix, layout.num_tokens)]
+                                   ).to(device)
+        return cache[key]
 
     def _student_forward(self, images: torch.Tensor):
         store = {}
@@ -216,13 +221,13 @@ class AttnDistill(Method):
 
         ``lse_s``, ``lse_t``: the attention forward's ``[B, H, N]`` LSEs at ``scale_s``/``scale_t`` where the taps
         recorded them (used by the ``exact_official=False`` kernel path when no tokens are dropped)."""
-        ks_idx, kt_idx = self._keys(self.ls), self._keys(self.lt)
+        ks_idx, kt_idx = self._keys(self.ls, k_s.device), self._keys(self.lt, k_t.device)
         if not self.exact_official:
             return self._attention_loss_kernel(q_s, k_s, scale_s, q_t, k_t, scale_t, ks_idx, kt_idx, lse_s, lse_t)
         if ks_idx is not None:
-            k_s = k_s[:, :, ks_idx.to(k_s.device)]
+            k_s = k_s[:, :, ks_idx]
         if kt_idx is not None:
-            k_t = k_t[:, :, kt_idx.to(k_t.device)]
+            k_t = k_t[:, :, kt_idx]
         if self.aggregation:
             # softmax((1/T) Σ_h log a_h), with log a_h = log_softmax(logits_h): the same math as the official
             # log(softmax(.)), without an fp16 underflow to log(0)
@@ -254,10 +259,10 @@ class AttnDistill(Method):
     ) -> torch.Tensor:
         """``exact_official=False``: logit-space KL through attention_kl, CLS row only, no clamp."""
         if ks_idx is not None:  # drop extra tokens (both q and k: row 0 is CLS either way); another softmax
-            q_s, k_s = q_s[:, :, ks_idx.to(q_s.device)], k_s[:, :, ks_idx.to(k_s.device)]
+            q_s, k_s = q_s[:, :, ks_idx], k_s[:, :, ks_idx]
             lse_s = None
         if kt_idx is not None:
-            q_t, k_t = q_t[:, :, kt_idx.to(q_t.device)], k_t[:, :, kt_idx.to(k_t.device)]
+            q_t, k_t = q_t[:, :, kt_idx], k_t[:, :, kt_idx]
             lse_t = None
         q_t, k_t = q_t.detach(), k_t.detach()
         rows = torch.zeros(1, dtype=torch.long, device=q_s.device)

@@ -232,7 +232,8 @@ class SSTA(Method):
         # again only after load_state_dict) and the token index tensors per device
         self._heads: tuple[int, int] | None = None
         self._index: dict[tuple[str, torch.device], torch.Tensor] = {}
-        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_heads", None))
+        self._read_heads()
+        self.register_load_state_dict_post_hook(lambda module, keys: module._read_heads())
         self._distilled = hasattr(student, "dist_token") and hasattr(student, "head_dist")
         if self._distilled and hasattr(student, "set_distilled_training"):
             student.set_distilled_training(True)
@@ -272,17 +273,22 @@ class SSTA(Method):
         """``{"teacher": h_T*, "ta": h_A*}`` (None until chosen)."""
         return {who: (int(h) if int(h) >= 0 else None) for who, h in zip(_ROLES, self.heads.tolist())}
 
+    def _read_heads(self) -> None:
+        """Keep the chosen heads as Python ints (None until both are chosen): the forward reads no buffer."""
+        heads = self.heads.tolist()
+        self._heads = (int(heads[0]), int(heads[1])) if min(heads) >= 0 else None
+
     def _chosen_heads(self, batch: dict[str, Any], images: torch.Tensor) -> tuple[int, int]:
-        """``(h_T, h_A)``, chosen on the first batch when ``"auto"``; read from the buffer once."""
+        """``(h_T, h_A)``, chosen on the first batch when ``"auto"`` (scored on clean images and their labels, not
+        the Mixup/CutMix batch)."""
         if self._heads is None:
-            if int(self.heads.min()) < 0:  # auto: score on clean images and their labels, not the Mixup/CutMix batch
-                clean = batch.get("clean_images")
-                if clean is None and "targets" in batch:
-                    raise ValueError("ssta importance='auto' scores heads on clean images, but this mixed batch has "
-                                     "no batch['clean_images'] (set keep_clean_images=True on the training loader, "
-                                     "or pass teacher_head/ta_head or an importance.json)")
-                self._auto_select(images if clean is None else clean, batch.get("labels"))
-            self._heads = (int(self.heads[0]), int(self.heads[1]))
+            clean = batch.get("clean_images")
+            if clean is None and "targets" in batch:
+                raise ValueError("ssta importance='auto' scores heads on clean images, but this mixed batch has "
+                                 "no batch['clean_images'] (set keep_clean_images=True on the training loader, "
+                                 "or pass teacher_head/ta_head or an importance.json)")
+            self._auto_select(images if clean is None else clean, batch.get("labels"))
+            self._read_heads()
         return self._heads
 
     def _tokens_on(self, who: str, device: torch.device) -> torch.Tensor:

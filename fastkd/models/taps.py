@@ -321,7 +321,11 @@ def _sdpa_with_lse(q, k, v, scale) -> tuple[torch.Tensor, torch.Tensor | None, s
 
     Same kernel, same autograd formula as ``F.scaled_dot_product_attention``; falls back to SDPA itself (no
     LSE) where SDPA would take its math path or where it pads the head dim before the kernel (CUDA, d % 8).
+    Under ``torch.compile`` SDPA itself, without an LSE: the kernel choice is a host decision that would break
+    the graph (a loss given no LSE computes it).
     """
+    if torch.compiler.is_compiling():
+        return _SDPA(q, k, v, scale=scale), None, "sdpa-compiled"
     choice = SDPBackend(torch._fused_sdp_choice(q, k, v, None, 0.0, False, scale=scale))
     aten = torch.ops.aten
     if q.device.type == "cpu" and choice == SDPBackend.FLASH_ATTENTION:

@@ -58,8 +58,8 @@ def test_fastkd_train_with_compile(recipe, tmp_path, tiny_data, aot_eager):
 
 
 # methods whose whole training forward (student, teachers with their taps, loss) traces into one graph today;
-# ssta and attndistill join when attention_kl is a custom op and the taps' kernel choice is traceable (issue 12)
-@pytest.mark.parametrize("recipe", ["supervised_tiny", "hinton_tiny", "deit_tiny"])
+# attndistill joins when its forward no longer registers a forward hook per step (issue 12)
+@pytest.mark.parametrize("recipe", ["supervised_tiny", "hinton_tiny", "deit_tiny", "ssta_tiny"])
 def test_compiled_step_has_no_graph_break(recipe, tmp_path, aot_eager):
     tr = _trainer(tmp_path, recipe, "train.compile=true")
     batches = iter(tr.train_loader)
