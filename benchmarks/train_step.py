@@ -21,7 +21,8 @@ steady-state step, :class:`fastkd.engine.syncs.SyncCounter`) and ``kd_overhead``
 at the same batch, resolution, data and compile setting, minus 1).
 
 ``--recipes`` measures the shipped ``*_tiny`` recipes instead (their own models and method, synthetic batches, the
-CPU CSV ``train_step_recipes_cpu.csv``): ``supervised_tiny`` is the no-KD step.
+CPU CSV ``train_step_recipes_cpu.csv``); each recipe's no-KD step (provider ``<recipe>:no_kd``) is the same recipe
+with ``method.name=supervised`` and no teacher.
 
 Variants whose method is not registered in this build are reported as ``skipped`` rows, never errors. Each
 configuration is timed with synthetic batches already on the device (``data=none``), then with the fastkd
@@ -332,7 +333,9 @@ def result_rows(env: dict[str, Any], base: dict[str, Any], res: dict[str, Any]) 
     ]
 
 
-NO_KD = ("none", "supervised_tiny")  # the no-KD step of the variants / of the recipes
+def _no_kd(provider: str) -> bool:
+    """The no-KD step: variant ``none``, or a recipe's ``<recipe>:no_kd``."""
+    return provider == "none" or provider.endswith(":no_kd")
 
 
 def kd_overhead_rows(env: dict[str, Any], measured: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[dict]:
@@ -341,11 +344,12 @@ def kd_overhead_rows(env: dict[str, Any], measured: list[tuple[dict[str, Any], d
 
     def key(base):
         c = base["config"]
-        return tuple(c.get(k) for k in ("batch", "img_size", "data", "compile"))
+        return (base["provider"].split(":")[0] if base["mode"] == "recipes" else "",
+                *(c.get(k) for k in ("batch", "img_size", "data", "compile")))
 
-    ref = {key(b): r["timing"].p50 for b, r in measured if b["provider"] in NO_KD and r["status"] == "ok"}
+    ref = {key(b): r["timing"].p50 for b, r in measured if _no_kd(b["provider"]) and r["status"] == "ok"}
     return [C.row(env, **b, metric="kd_overhead", unit="1", value=r["timing"].p50 / ref[key(b)] - 1.0)
-            for b, r in measured if r["status"] == "ok" and key(b) in ref and b["provider"] not in NO_KD]
+            for b, r in measured if r["status"] == "ok" and key(b) in ref and not _no_kd(b["provider"])]
 
 
 def shipped_tiny_recipes() -> list[str]:
@@ -356,9 +360,10 @@ def shipped_tiny_recipes() -> list[str]:
 
 
 def measure_recipe(recipe: str, *, device: torch.device, steps: int, warmup: int, compile: bool,
-                   workdir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+                   workdir: Path, no_kd: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """A shipped recipe's step: its own models and method (built as ``fastkd train`` builds them), synthetic batches
-    of its image and batch size on the device. Returns (config, result)."""
+    of its image and batch size on the device; ``no_kd``: the same student, data and optimizer with
+    ``method.name=supervised`` and no teacher. Returns (config, result)."""
     from fastkd.config import load_config
     from fastkd.config import recipe_path
     from fastkd.engine import builders
@@ -366,7 +371,9 @@ def measure_recipe(recipe: str, *, device: torch.device, steps: int, warmup: int
     cfg = load_config(recipe_path(recipe), [f"run.output_dir={workdir}", f"run.name={recipe}_{compile}",
                                             f"run.device={device.type}", "train.eval=false", "train.progress=false",
                                             f"train.steps={warmup + steps + 2}", f"train.log_every={1 << 20}",
-                                            f"train.compile={str(compile).lower()}"])
+                                            f"train.compile={str(compile).lower()}",
+                                            *(["method.name=supervised", "method.params={}", "teachers=[]"]
+                                              if no_kd else [])])
     num_classes = cfg.data.num_classes or 10
     batch = cfg.train.batch_size or cfg.data.batch_size
     config = {"method": cfg.method.name, "student": cfg.student.name,
@@ -462,7 +469,7 @@ def parse_args(argv):
                    help="train.compile of every configuration: off (eager), on, or both (each twice)")
     p.add_argument("--recipes", nargs="*", default=None, metavar="R",
                    help="measure shipped *_tiny recipes instead of the variants (no names: all of them; "
-                        "supervised_tiny, the no-KD step, is always added)")
+                        "each beside its no-KD step: method supervised, no teacher)")
     p.add_argument("--no-plot", action="store_true")
     C.add_force_dirty(p)
     return p.parse_args(argv)
@@ -554,23 +561,25 @@ def _print(what: str, res: dict[str, Any]) -> None:
 def run_recipes(args, device: torch.device, env: dict[str, Any], csv_path: Path, compiles: list[bool]) -> int:
     """``--recipes``: the shipped tiny recipes, eager and/or compiled, with their KD overhead over supervised_tiny."""
     recipes = args.recipes or shipped_tiny_recipes()
-    recipes = [NO_KD[1]] + [r for r in recipes if r != NO_KD[1]]
     steps = args.steps or 5
     warmup = args.warmup if args.warmup is not None else 2
     rows: list[dict[str, Any]] = []
     measured: list[tuple[dict[str, Any], dict[str, Any]]] = []
     with tempfile.TemporaryDirectory(prefix="fastkd_train_step_") as tmp:
-        for recipe, compiled in ((r, c) for r in recipes for c in compiles):
+        runs = [(r, kd, c) for r in recipes for kd in ((True,) if r == "supervised_tiny" else (False, True))
+                for c in compiles]
+        for recipe, kd, compiled in runs:
+            provider = recipe if kd else f"{recipe}:no_kd"
             try:
                 config, res = measure_recipe(recipe, device=device, steps=steps, warmup=warmup, compile=compiled,
-                                             workdir=Path(args.workdir or tmp))
+                                             workdir=Path(args.workdir or tmp), no_kd=not kd)
             except Exception as exc:  # a broken recipe must not hide the others
                 traceback.print_exc()
                 config, res = {"compile": compiled}, {"status": "error", "note": f"{type(exc).__name__}: {exc}"[:300]}
-            base = dict(benchmark="train_step", op="train_step", provider=recipe, mode="recipes", config=config)
+            base = dict(benchmark="train_step", op="train_step", provider=provider, mode="recipes", config=config)
             rows += result_rows(env, base, res)
             measured.append((base, res))
-            _print(f"{recipe} compile={compiled}", res)
+            _print(f"{provider} compile={compiled}", res)
     rows += kd_overhead_rows(env, measured)
     C.write_rows(csv_path, rows, append=True)
     print(f"\n{env['device']} / {env['cpu_model']}  torch {env['torch']}  commit {env['commit']}")

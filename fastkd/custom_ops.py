@@ -69,12 +69,13 @@ def attention_kl_backward(grad, *args) -> tuple[Tensor, Tensor]:
     *inputs, unique_heads, unique_rows, impl = args
     backend = dispatch.load("attention_kl", impl)
     dq, dk = backend.attention_kl_backward(grad, *inputs, unique_heads=unique_heads, unique_rows=unique_rows)
-    return dq.to(inputs[0].dtype), dk.to(inputs[1].dtype)
+    # contiguous, as the fake says (q_s, k_s are often strided views of a qkv projection; Inductor checks strides)
+    return dq.to(inputs[0].dtype).contiguous(), dk.to(inputs[1].dtype).contiguous()
 
 
 @attention_kl_backward.register_fake
 def _attention_kl_backward_fake(grad, q_s, k_s, *_):
-    return torch.empty_like(q_s), torch.empty_like(k_s)
+    return q_s.new_empty(q_s.shape), k_s.new_empty(k_s.shape)
 
 
 def _attention_kl_setup(ctx, inputs, output):
