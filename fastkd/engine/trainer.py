@@ -49,6 +49,7 @@ from fastkd.engine.logging import peak_memory_mb
 from fastkd.engine.logging import progress_bar
 from fastkd.engine.placement import place_student
 from fastkd.methods import Method
+from fastkd.methods._kd import freeze_teachers
 
 log = logging.getLogger("fastkd.engine")
 
@@ -225,9 +226,7 @@ class Trainer:
         teachers = self.method.teachers
         for teacher in teachers:
             teacher.to(self.device)
-            teacher.eval()
-            for p in teacher.parameters():
-                p.requires_grad_(False)
+        freeze_teachers(teachers)
         if placement == "zero3" and teachers:
             from fastkd.distributed import deepspeed as ds
 

@@ -18,11 +18,6 @@ from fastkd.methods._kd import task_ce
 from fastkd.models.taps import unwrap_model
 
 
-def teacher_model(teacher: nn.Module) -> nn.Module:
-    """The bare network inside a :class:`fastkd.models.Teacher` (or DDP / ``torch.compile``) wrapper."""
-    return unwrap_model(teacher)
-
-
 def teacher_input(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Student-normalized images as the bare teacher network expects them (its normalization, dtype, layout)."""
     normalize = getattr(teacher, "normalize", None)
@@ -47,7 +42,7 @@ def is_vit(model: nn.Module) -> bool:
 
 def require_vit(model: nn.Module, argument: str, method: str) -> nn.Module:
     """The bare timm ViT behind ``model``, or a clear error naming ``argument`` (e.g. ``teachers[0]``)."""
-    bare = teacher_model(model)
+    bare = unwrap_model(model)
     if not is_vit(bare):
         raise ValueError(
             f"{argument} is a {type(bare).__name__}, not a vision transformer: method {method!r} distils attention "
@@ -75,14 +70,14 @@ class TokenLayout:
 
 
 def token_layout(model: nn.Module) -> TokenLayout:
-    bare = teacher_model(model)
+    bare = unwrap_model(model)
     grid = tuple(int(g) for g in bare.patch_embed.grid_size)
     has_cls = getattr(bare, "cls_token", None) is not None
     return TokenLayout(prefix=int(bare.num_prefix_tokens), has_cls=has_cls, grid=grid)
 
 
 def patch_size(model: nn.Module) -> tuple[int, int]:
-    ps = teacher_model(model).patch_embed.patch_size
+    ps = unwrap_model(model).patch_embed.patch_size
     return (int(ps), int(ps)) if isinstance(ps, int) else (int(ps[0]), int(ps[1]))
 
 

@@ -19,7 +19,6 @@ from torch import nn
 from fastkd.methods._attention import classification_loss
 from fastkd.methods._attention import param_dtype
 from fastkd.methods._attention import teacher_input
-from fastkd.methods._attention import teacher_model
 from fastkd.methods._kd import as_logits
 from fastkd.methods._kd import check_choice
 from fastkd.methods._kd import check_range
@@ -28,6 +27,7 @@ from fastkd.methods._kd import freeze_teachers
 from fastkd.methods._kd import images_of
 from fastkd.methods.base import Method
 from fastkd.methods.base import register
+from fastkd.models.taps import unwrap_model
 
 # ---------------------------------------------------------------------------------------------------------------------
 # dual-view feature mimicking (DFM)
@@ -423,7 +423,7 @@ class ScaleKD(Method):
         self.teacher_train_mode = bool(teacher_train_mode)
         self.ce_loss, self.label_smoothing = ce_loss, float(label_smoothing)
 
-        tmodel = teacher_model(self.teachers[0])
+        tmodel = unwrap_model(self.teachers[0])
         if _is_swin(tmodel):
             self._t = _SwinTeacher(tmodel)
         elif _is_vit(tmodel):
@@ -462,7 +462,7 @@ class ScaleKD(Method):
         s3, s4, logits = self._s.forward(self.student, images)
         logits = as_logits(logits, "the student")
         teacher = self.teachers[0]
-        tmodel = teacher_model(teacher)  # resolved per call: the engine may re-place the teachers
+        tmodel = unwrap_model(teacher)  # resolved per call: the engine may re-place the teachers
         with _teacher_mode(tmodel, self.training and self.teacher_train_mode):
             loss, parts = self._losses(batch, images, s3, s4, logits, teacher, tmodel)
         return {"loss": loss, **parts}

@@ -21,7 +21,6 @@ from fastkd.functional import attention_kl
 from fastkd.methods._attention import TokenLayout
 from fastkd.methods._attention import require_vit
 from fastkd.methods._attention import teacher_input
-from fastkd.methods._attention import teacher_model
 from fastkd.methods._attention import token_layout
 from fastkd.methods._kd import as_logits
 from fastkd.methods._kd import check_choice
@@ -34,6 +33,7 @@ from fastkd.methods._kd import task_ce
 from fastkd.methods.base import Method
 from fastkd.methods.base import register
 from fastkd.models import AttentionTaps
+from fastkd.models.taps import unwrap_model
 
 _ROLES = ("teacher", "ta")
 
@@ -253,7 +253,7 @@ class SSTA(Method):
             if not self._auto[who] or int(self.heads[i]) >= 0:
                 continue
             teacher = self.teachers[i]
-            bare = teacher_model(teacher)
+            bare = unwrap_model(teacher)
             x = teacher_input(teacher, images)
             y = labels if labels is not None else torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
             num_classes = int(getattr(bare, "num_classes", 0) or 0)
