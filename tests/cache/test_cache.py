@@ -267,8 +267,14 @@ def test_two_process_build_writes_each_shard_once_and_matches_one_process(tmp_pa
     r = run_cli(["teacher-cache", "build", "--config", "hinton_tiny", "--out", str(tmp_path / "two"), *common],
                 cwd=tmp_path, launcher=launcher, timeout=280)
     assert r.returncode == 0, r.stderr[-3000:]
-    one = build_cache(_cfg("hinton_tiny", tmp_path, data, "build"), tmp_path / "one", epochs=1, topk=4,
-                      world_size=2, block_batches=1, progress=False)
+    # torchrun gives each worker one thread; the same here, so both builds sum in the same order (byte equality)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = build_cache(_cfg("hinton_tiny", tmp_path, data, "build"), tmp_path / "one", epochs=1, topk=4,
+                          world_size=2, block_batches=1, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     two = TeacherCache.open(tmp_path / "two")
     assert two.manifest["complete"] and two.layout["world_size"] == 2
     assert two.manifest["shards"] == one.manifest["shards"] and len(one.manifest["shards"]) == 4
