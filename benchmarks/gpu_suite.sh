@@ -18,7 +18,15 @@
 #               benchmarks/train_step.py, 224 px, batch 256: no KD, Hinton, 12-layer attention KD (fastkd and the
 #               eager bf16-maps baseline), SSTA, AttnDistill, each eager and with train.compile; prints the KD
 #               overhead over the no-KD step and the host syncs per step
+#   model       fastkd bench model: the cost model's predictions for this GPU's kernels (predicted beside measured;
+#               record the model's error in benchmarks/NOTES.md from the kernels stage's design_bound_ms column)
+#   dali        DALI's GPU ("mixed") pipeline, if a DALI wheel was carried in wheels/ (the tests/data GPU test and
+#               the data benchmark on the GPU); records what happened either way
+#   cache       benchmarks/teacher_cache.py on the GPU: logit-KD step with the teacher online, cached, none
 #   summary     print a short table of what came back
+# With 15 minutes of device time (start-up included), run two commands:
+#   1) `install tests kernels_bf16`   2) `model traincompile summary`
+# and the rest (kernels_fp32 importance train224 train384 trainloader dali cache) when more time is lent.
 # Everything (CSVs, plots, logs, junit XML) lands in $OUT; copy the CSVs/PNGs to benchmarks/results/.
 # DRY_RUN=1 runs every stage at smoke size on a CPU-only machine (GPU parts skipped) to check the script.
 set -uo pipefail
@@ -27,7 +35,8 @@ OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(install tests kernels_bf16 kernels_fp32 importance train224 train384 trainloader traincompile summary)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(install tests kernels_bf16 kernels_fp32 model importance train224 train384 trainloader
+                                  traincompile dali cache summary)
 DRY=${DRY_RUN:-0}
 
 log() { echo "[gpu_suite $(date -u +%H:%M:%S)] $*" | tee -a "$OUT/suite.log"; }
@@ -86,6 +95,32 @@ stage_traincompile() {
   _train compile --img-size 224 --batch 256 --data none --compile both \
     --variants none hinton attn12 attn12_eager ssta attndistill
   grep -E "^(variant|none|hinton|attn|ssta|attndistill) " "$OUT/bench_train_step_compile.log" || true
+}
+
+stage_model() {
+  local args=(--hardware H100)
+  [ "$DRY" = 1 ] && args+=(--no-csv --N 197)
+  $PY -c "import torch; print(torch.cuda.get_device_name(0))" 2>/dev/null | grep -q H200 && args=(--hardware H200)
+  timeout 300 $PY -m fastkd bench model "${args[@]}" --out "$OUT/attention_kl_model.csv" > "$OUT/bench_model.log" 2>&1
+  log "cost model rc=$?"
+}
+
+stage_dali() {
+  if ! $PY -c "import nvidia.dali" 2>/dev/null; then
+    log "dali: not installed on this machine (carry its wheel in wheels/ to try the GPU pipeline)"; return 0
+  fi
+  [ "$DRY" = 1 ] && { log "dali: dry run, GPU pipeline skipped"; return 0; }
+  timeout 300 $PY -m pytest -q -m gpu tests/data -p no:cacheprovider > "$OUT/dali_gpu_tests.log" 2>&1
+  log "dali GPU tests rc=$? ($(tail -n 1 "$OUT/dali_gpu_tests.log"))"
+  timeout 240 $PY benchmarks/data_pipeline.py --out "$OUT" > "$OUT/bench_data.log" 2>&1
+  log "data benchmark rc=$?"
+}
+
+stage_cache() {
+  local args=(--out "$OUT/teacher_cache_gpu.csv")
+  [ "$DRY" = 1 ] && args+=(--steps 2 --teacher-epochs 1)
+  timeout 400 $PY benchmarks/teacher_cache.py "${args[@]}" > "$OUT/bench_teacher_cache.log" 2>&1
+  log "teacher cache benchmark rc=$?"
 }
 
 stage_summary() {
