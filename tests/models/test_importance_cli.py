@@ -151,7 +151,7 @@ def test_rank_heads_normalization():
     assert e["order"] == "ascending" and e["top_head_per_layer"] == [1, 0]
 
 
-def test_cli_errors(tmp_path, image_folder):
+def test_cli_errors(tmp_path, image_folder, capsys, monkeypatch):
     _, weights = _weights(tmp_path, num_classes=3)
     base = [
         "importance",
@@ -171,6 +171,12 @@ def test_cli_errors(tmp_path, image_folder):
         "--out",
         str(tmp_path / "o"),
     ]
+    # expected errors: one line naming the argument, exit code 2 (FASTKD_DEBUG=1 re-raises them)
+    assert main(base + ["--data", str(image_folder), "--score", "gradient,magic"]) == 2
+    assert "--score" in capsys.readouterr().err
+    assert main(base + ["--data", str(tmp_path / "missing")]) == 2
+    assert "--data" in capsys.readouterr().err
+    monkeypatch.setenv("FASTKD_DEBUG", "1")
     with pytest.raises(ValueError, match="--score"):
         main(base + ["--data", str(image_folder), "--score", "gradient,magic"])
     with pytest.raises(FileNotFoundError, match="--data"):
