@@ -306,12 +306,12 @@ def _attention_kl_bwd_dq_kernel(
 
 
 @triton.jit
-def _dk_tile(QS, QT, ROWS, LSE_S, LSE_T, KL, GRAD, DQ, qs_base, qt_base, dq_base, row0, bp, R, DS, DT,
-             stride_qsn, stride_qsd, stride_qtn, stride_qtd, stride_dqn, stride_dqd, scale_s, scale_t, ks, kt,
-             key_ok, dk, offs_ds, offs_dt, WIDTH: tl.constexpr, ROWS_MASKED: tl.constexpr,
-             KEYS_MASKED: tl.constexpr, EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr, REVERSE: tl.constexpr,
-             UPCAST: tl.constexpr, PRECISION: tl.constexpr, FUSED: tl.constexpr, DIRECT: tl.constexpr):
-    # one [WIDTH rows, keys] tile of dK = sum_i dS_i^T q_s,i; FUSED: also adds dS k_s into the fp32 dQ (atomics)
+def _ds_tile(QS, QT, ROWS, LSE_S, LSE_T, KL, GRAD, qs_base, qt_base, row0, bp, R, DS, DT,
+             stride_qsn, stride_qsd, stride_qtn, stride_qtd, scale_s, scale_t, ks, kt, key_ok, offs_ds, offs_dt,
+             WIDTH: tl.constexpr, ROWS_MASKED: tl.constexpr, KEYS_MASKED: tl.constexpr, EVEN_DS: tl.constexpr,
+             EVEN_DT: tl.constexpr, REVERSE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    # dS of one [WIDTH rows, keys] tile (in the dtype of q_s, ready for the tensor cores), with the rows' q_s tile,
+    # positions (offs_m, into ROWS), indices and in-range flags. ks, kt: the keys, transposed [d, keys]
     MASKED: tl.constexpr = ROWS_MASKED or KEYS_MASKED
     offs_m = row0 + tl.arange(0, WIDTH)
     row_ok = offs_m < R
@@ -327,22 +327,13 @@ def _dk_tile(QS, QT, ROWS, LSE_S, LSE_T, KL, GRAD, DQ, qs_base, qt_base, dq_base
     t = tl.dot(qt, kt, input_precision=PRECISION) * scale_t
     # padding rows (beyond R) count as masked, so no 0 * (inf - inf) reaches the sum over rows
     ds = _dscores(s, t, lse_s, lse_t, g, kl, row_ok[:, None] & key_ok[None, :], MASKED, REVERSE).to(qs.dtype)
-    if FUSED:
-        dq = tl.dot(ds, tl.trans(ks), input_precision=PRECISION)
-        if DIRECT:
-            idx = rows
-        else:
-            idx = offs_m
-        d_ptr = DQ + dq_base + idx[:, None] * stride_dqn + offs_ds[None, :] * stride_dqd
-        tl.atomic_add(d_ptr, dq, mask=row_ok[:, None] & (offs_ds[None, :] < DS), sem="relaxed")
-    return dk + tl.dot(tl.trans(ds), qs, input_precision=PRECISION)
+    return ds, qs, offs_m, rows, row_ok
 
 
 @triton.jit
 def _attention_kl_bwd_dk_kernel(
-    QS, KS, QT, KT, PAIRS, ROWS, MASK, LSE_S, LSE_T, KL, GRAD, DK, DQ,  #
+    QS, KS, QT, KT, PAIRS, ROWS, MASK, LSE_S, LSE_T, KL, GRAD, DK,  #
     stride_ob, stride_oh, stride_on, stride_od,  #
-    stride_dqb, stride_dqh, stride_dqn, stride_dqd,  #
     stride_qsb, stride_qsh, stride_qsn, stride_qsd,  #
     stride_ksb, stride_ksh, stride_ksn, stride_ksd,  #
     stride_qtb, stride_qth, stride_qtn, stride_qtd,  #
@@ -352,10 +343,10 @@ def _attention_kl_bwd_dk_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, OWN_TAIL: tl.constexpr,  #
     BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr, EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr,  #
     HAS_MASK: tl.constexpr, REVERSE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,  #
-    DIRECT: tl.constexpr, FUSED: tl.constexpr,  #
+    DIRECT: tl.constexpr,  #
 ):
-    # one program per (key block, batch x pair); streams over row tiles (BLOCK_M, tail BLOCK_T). FUSED: the whole
-    # backward in one pass (dS once per tile), dQ accumulated with fp32 atomics (order-dependent rounding)
+    # the two-kernel backward's dK (fused=False): one program per (key block, batch x pair); streams over row
+    # tiles (BLOCK_M, tail BLOCK_T); recomputes both softmaxes, as the dQ kernel does
     pid_n = tl.program_id(0)
     pid_bp = tl.program_id(1)
     b = (pid_bp // P).to(tl.int64)
@@ -369,7 +360,6 @@ def _attention_kl_bwd_dk_kernel(
         key_ok = _keep(MASK, b, stride_mb, stride_mn, offs_n, key_in, OWN_TAIL)
     offs_ds = tl.arange(0, BLOCK_DS)
     offs_dt = tl.arange(0, BLOCK_DT)
-    # this program's keys, loaded once, transposed for the logits
     ks = _tile(KS, b * stride_ksb + hs * stride_ksh, offs_n, key_in, offs_ds, DS, stride_ksn, stride_ksd,
                OWN_TAIL, EVEN_DS, UPCAST, True)
     kt = _tile(KT, b * stride_ktb + ht * stride_kth, offs_n, key_in, offs_dt, DT, stride_ktn, stride_ktd,
@@ -378,27 +368,169 @@ def _attention_kl_bwd_dk_kernel(
     qt_base = b * stride_qtb + ht * stride_qth
     bp = pid_bp.to(tl.int64)
     KEYS_MASKED: tl.constexpr = OWN_TAIL or HAS_MASK
-    if DIRECT:
-        dq_base = b * stride_dqb + hs * stride_dqh
-    else:
-        dq_base = b * stride_dqb + p * stride_dqh
     dk = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
     r_full = R - R % BLOCK_M
     for start_m in range(0, r_full, BLOCK_M):
-        dk = _dk_tile(QS, QT, ROWS, LSE_S, LSE_T, KL, GRAD, DQ, qs_base, qt_base, dq_base, start_m, bp, R, DS, DT,
-                      stride_qsn, stride_qsd, stride_qtn, stride_qtd, stride_dqn, stride_dqd, scale_s, scale_t, ks,
-                      kt, key_ok, dk, offs_ds, offs_dt, BLOCK_M, False, KEYS_MASKED, EVEN_DS, EVEN_DT, REVERSE,
-                      UPCAST, PRECISION, FUSED, DIRECT)
+        ds, qs, _, _, _ = _ds_tile(QS, QT, ROWS, LSE_S, LSE_T, KL, GRAD, qs_base, qt_base, start_m, bp, R, DS, DT,
+                                   stride_qsn, stride_qsd, stride_qtn, stride_qtd, scale_s, scale_t, ks, kt, key_ok,
+                                   offs_ds, offs_dt, BLOCK_M, False, KEYS_MASKED, EVEN_DS, EVEN_DT, REVERSE, UPCAST,
+                                   PRECISION)
+        dk += tl.dot(tl.trans(ds), qs, input_precision=PRECISION)
     if BLOCK_T > 0:
-        dk = _dk_tile(QS, QT, ROWS, LSE_S, LSE_T, KL, GRAD, DQ, qs_base, qt_base, dq_base, r_full, bp, R, DS, DT,
-                      stride_qsn, stride_qsd, stride_qtn, stride_qtd, stride_dqn, stride_dqd, scale_s, scale_t, ks,
-                      kt, key_ok, dk, offs_ds, offs_dt, BLOCK_T, True, KEYS_MASKED, EVEN_DS, EVEN_DT, REVERSE,
-                      UPCAST, PRECISION, FUSED, DIRECT)
+        ds, qs, _, _, _ = _ds_tile(QS, QT, ROWS, LSE_S, LSE_T, KL, GRAD, qs_base, qt_base, r_full, bp, R, DS, DT,
+                                   stride_qsn, stride_qsd, stride_qtn, stride_qtd, scale_s, scale_t, ks, kt, key_ok,
+                                   offs_ds, offs_dt, BLOCK_T, True, KEYS_MASKED, EVEN_DS, EVEN_DT, REVERSE, UPCAST,
+                                   PRECISION)
+        dk += tl.dot(tl.trans(ds), qs, input_precision=PRECISION)
     if DIRECT:
         d_out = DK + b * stride_ob + hs * stride_oh + offs_n[:, None] * stride_on + offs_ds[None, :] * stride_od
     else:
         d_out = DK + b * stride_ob + p * stride_oh + offs_n[:, None] * stride_on + offs_ds[None, :] * stride_od
     tl.store(d_out, dk.to(DK.dtype.element_ty), mask=key_in[:, None] & (offs_ds[None, :] < DS))
+
+
+# The fused backward: one program per (key block j, batch x pair), j on grid axis 0. It loads its keys once, keeps
+# dK_j in registers over every row block and adds each tile's dQ contribution dS k_s into dQ. For the dQ sum to be
+# deterministic (the default) the contributions to one row block are added in a fixed order, key block
+# j = 0, 1, ..., S-1, whatever order the GPU runs the programs in (FlashAttention-3's deterministic backward):
+#   - an int32 ticket per (batch x pair, row block), zeroed by the launcher, holds the key block whose turn it is;
+#     program j spins on an acquire atomic until the ticket equals j;
+#   - j = 0 stores its contribution to an fp32 scratch (no zero fill); 0 < j < S-1 loads the scratch (bypassing
+#     L1: ".cg") and stores the sum back; j = S-1 stores the final sum straight into dQ in its dtype (no cast pass);
+#   - then a CTA barrier (every thread's stores issued) and a release exchange of the ticket to j + 1.
+# Deadlock-free: a program only ever waits for programs of its own (batch x pair) with a lower j, i.e. a lower
+# linear block index (axis 0 varies fastest). The GPU dispatches blocks in linear index order, so when a program
+# runs, every program it can wait for is already running or finished, and those wait only for lower ones again:
+# the lowest waiting program always makes progress. Triton's interpreter runs programs one at a time, axis 0 in
+# the outer loop, so every lower j has finished before j starts and no wait ever spins there.
+# The remainder key block (N % BLOCK_N keys) is program S-1 of the same launch, on a narrow BLOCK_T-wide tile;
+# rows stream in BLOCK_M tiles plus a narrow peeled tail (BLOCK_TR). ATOMIC (deterministic=False) replaces the
+# ordering with fp32 atomic adds into a zeroed fp32 dQ (order-dependent rounding, no waiting).
+
+
+@triton.jit
+def _dq_add(DQ, SCRATCH, TICKETS, dq, d_ptr, scr_ptr, ok, ticket, j, last, ATOMIC: tl.constexpr):
+    # add one tile's dQ contribution: ordered by key block j (see above), or by fp32 atomics
+    if ATOMIC:
+        tl.atomic_add(d_ptr, dq, mask=ok, sem="relaxed")
+    else:
+        while tl.atomic_cas(TICKETS + ticket, j, j, sem="acquire") != j:
+            pass
+        if j > 0:
+            dq += tl.load(scr_ptr, mask=ok, other=0.0, cache_modifier=".cg")
+        if j == last:
+            tl.store(d_ptr, dq.to(DQ.dtype.element_ty), mask=ok)
+        else:
+            tl.store(scr_ptr, dq, mask=ok)
+        tl.debug_barrier()
+        tl.atomic_xchg(TICKETS + ticket, j + 1, sem="release")
+
+
+@triton.jit
+def _fused_key_block(QS, KS, QT, KT, ROWS, MASK, LSE_S, LSE_T, KL, GRAD, DK, DQ, SCRATCH, TICKETS,
+                     b, p, hs, ht, bp, j, last, key0,
+                     stride_ob, stride_oh, stride_on, stride_od, stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+                     stride_qsb, stride_qsh, stride_qsn, stride_qsd, stride_ksb, stride_ksh, stride_ksn, stride_ksd,
+                     stride_qtb, stride_qth, stride_qtn, stride_qtd, stride_ktb, stride_kth, stride_ktn, stride_ktd,
+                     stride_mb, stride_mn, N, R, DS, DT, scale_s, scale_t,
+                     WIDTH: tl.constexpr, KEY_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_TR: tl.constexpr,
+                     BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr, EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr,
+                     HAS_MASK: tl.constexpr, REVERSE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                     DIRECT: tl.constexpr, ATOMIC: tl.constexpr):
+    # the whole backward of one key block: dK_j stored at the end, dQ contributions added row block by row block
+    offs_n = key0 + tl.arange(0, WIDTH)
+    key_in = offs_n < N
+    key_ok = key_in
+    if HAS_MASK:
+        key_ok = _keep(MASK, b, stride_mb, stride_mn, offs_n, key_in, KEY_TAIL)
+    offs_ds = tl.arange(0, BLOCK_DS)
+    offs_dt = tl.arange(0, BLOCK_DT)
+    ks = _tile(KS, b * stride_ksb + hs * stride_ksh, offs_n, key_in, offs_ds, DS, stride_ksn, stride_ksd,
+               KEY_TAIL, EVEN_DS, UPCAST, True)
+    kt = _tile(KT, b * stride_ktb + ht * stride_kth, offs_n, key_in, offs_dt, DT, stride_ktn, stride_ktd,
+               KEY_TAIL, EVEN_DT, UPCAST, True)
+    qs_base = b * stride_qsb + hs * stride_qsh
+    qt_base = b * stride_qtb + ht * stride_qth
+    if DIRECT:  # dQ rows at their row index of head h_s; else at their position in the [B, P, R, d_s] buffer
+        dq_base = DQ + b * stride_dqb + hs * stride_dqh
+    else:
+        dq_base = DQ + b * stride_dqb + p * stride_dqh
+    scr_base = SCRATCH + bp * R * DS  # fp32 [B x P, R, d_s], contiguous
+    col_ok = offs_ds[None, :] < DS
+    KEYS_MASKED: tl.constexpr = KEY_TAIL or HAS_MASK
+    n_rb = tl.cdiv(R, BLOCK_M)
+    dk = tl.zeros([WIDTH, BLOCK_DS], tl.float32)
+    r_full = R - R % BLOCK_M
+    for start_m in range(0, r_full, BLOCK_M):
+        ds, qs, offs_m, rows, row_ok = _ds_tile(
+            QS, QT, ROWS, LSE_S, LSE_T, KL, GRAD, qs_base, qt_base, start_m, bp, R, DS, DT, stride_qsn, stride_qsd,
+            stride_qtn, stride_qtd, scale_s, scale_t, ks, kt, key_ok, offs_ds, offs_dt, BLOCK_M, False, KEYS_MASKED,
+            EVEN_DS, EVEN_DT, REVERSE, UPCAST, PRECISION)
+        dq = tl.dot(ds, tl.trans(ks), input_precision=PRECISION)
+        dk += tl.dot(tl.trans(ds), qs, input_precision=PRECISION)
+        idx = rows if DIRECT else offs_m
+        _dq_add(DQ, SCRATCH, TICKETS, dq, dq_base + idx[:, None] * stride_dqn + offs_ds[None, :] * stride_dqd,
+                scr_base + offs_m[:, None] * DS + offs_ds[None, :], row_ok[:, None] & col_ok,
+                bp * n_rb + start_m // BLOCK_M, j, last, ATOMIC)
+    if BLOCK_TR > 0:
+        ds, qs, offs_m, rows, row_ok = _ds_tile(
+            QS, QT, ROWS, LSE_S, LSE_T, KL, GRAD, qs_base, qt_base, r_full, bp, R, DS, DT, stride_qsn, stride_qsd,
+            stride_qtn, stride_qtd, scale_s, scale_t, ks, kt, key_ok, offs_ds, offs_dt, BLOCK_TR, True, KEYS_MASKED,
+            EVEN_DS, EVEN_DT, REVERSE, UPCAST, PRECISION)
+        dq = tl.dot(ds, tl.trans(ks), input_precision=PRECISION)
+        dk += tl.dot(tl.trans(ds), qs, input_precision=PRECISION)
+        idx = rows if DIRECT else offs_m
+        _dq_add(DQ, SCRATCH, TICKETS, dq, dq_base + idx[:, None] * stride_dqn + offs_ds[None, :] * stride_dqd,
+                scr_base + offs_m[:, None] * DS + offs_ds[None, :], row_ok[:, None] & col_ok,
+                bp * n_rb + r_full // BLOCK_M, j, last, ATOMIC)
+    if DIRECT:
+        d_out = DK + b * stride_ob + hs * stride_oh + offs_n[:, None] * stride_on + offs_ds[None, :] * stride_od
+    else:
+        d_out = DK + b * stride_ob + p * stride_oh + offs_n[:, None] * stride_on + offs_ds[None, :] * stride_od
+    tl.store(d_out, dk.to(DK.dtype.element_ty), mask=key_in[:, None] & col_ok)
+
+
+@triton.jit
+def _attention_kl_bwd_kernel(
+    QS, KS, QT, KT, PAIRS, ROWS, MASK, LSE_S, LSE_T, KL, GRAD, DK, DQ, SCRATCH, TICKETS,  #
+    stride_ob, stride_oh, stride_on, stride_od,  #
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,  #
+    stride_qsb, stride_qsh, stride_qsn, stride_qsd,  #
+    stride_ksb, stride_ksh, stride_ksn, stride_ksd,  #
+    stride_qtb, stride_qth, stride_qtn, stride_qtd,  #
+    stride_ktb, stride_kth, stride_ktn, stride_ktd,  #
+    stride_mb, stride_mn,  #
+    N, R, P, DS, DT, scale_s, scale_t,  #
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_TR: tl.constexpr,  #
+    BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr, EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr,  #
+    HAS_MASK: tl.constexpr, REVERSE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,  #
+    DIRECT: tl.constexpr, ATOMIC: tl.constexpr,  #
+):
+    # the fused backward (see the comment above _dq_add): program (j, batch x pair); scale_s, scale_t in log2 units
+    j = tl.program_id(0)
+    pid_bp = tl.program_id(1)
+    b = (pid_bp // P).to(tl.int64)
+    p = pid_bp % P
+    hs = tl.load(PAIRS + 2 * p).to(tl.int64)
+    ht = tl.load(PAIRS + 2 * p + 1).to(tl.int64)
+    bp = pid_bp.to(tl.int64)
+    n_full = N // BLOCK_N
+    last = tl.num_programs(0) - 1
+    args = (QS, KS, QT, KT, ROWS, MASK, LSE_S, LSE_T, KL, GRAD, DK, DQ, SCRATCH, TICKETS, b, p, hs, ht, bp, j, last,
+            j * BLOCK_N, stride_ob, stride_oh, stride_on, stride_od, stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+            stride_qsb, stride_qsh, stride_qsn, stride_qsd, stride_ksb, stride_ksh, stride_ksn, stride_ksd,
+            stride_qtb, stride_qth, stride_qtn, stride_qtd, stride_ktb, stride_kth, stride_ktn, stride_ktd,
+            stride_mb, stride_mn, N, R, DS, DT, scale_s, scale_t)
+    if BLOCK_T > 0:
+        if j == n_full:  # the narrow remainder key block
+            _fused_key_block(*args, BLOCK_T, True, BLOCK_M, BLOCK_TR, BLOCK_DS, BLOCK_DT, EVEN_DS, EVEN_DT,
+                             HAS_MASK, REVERSE, UPCAST, PRECISION, DIRECT, ATOMIC)
+        else:
+            _fused_key_block(*args, BLOCK_N, False, BLOCK_M, BLOCK_TR, BLOCK_DS, BLOCK_DT, EVEN_DS, EVEN_DT,
+                             HAS_MASK, REVERSE, UPCAST, PRECISION, DIRECT, ATOMIC)
+    else:
+        _fused_key_block(*args, BLOCK_N, False, BLOCK_M, BLOCK_TR, BLOCK_DS, BLOCK_DT, EVEN_DS, EVEN_DT,
+                         HAS_MASK, REVERSE, UPCAST, PRECISION, DIRECT, ATOMIC)
 
 
 # ------------------------------------------------------------------------------------------------- launchers
@@ -470,18 +602,24 @@ def head_rows_unique(pairs: torch.Tensor, rows: torch.Tensor) -> tuple[bool, boo
 
 def attention_kl_backward(grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, scale_t, reverse,
                           lse_s_rows, lse_t_rows, kl, *, unique_heads: bool | None = None,
-                          unique_rows: bool | None = None, allow_tf32: bool = False, deterministic: bool = True):
-    """Launch the two backward kernels; returns ``(dq_s, dk_s)`` in the dtypes of ``q_s, k_s``.
+                          unique_rows: bool | None = None, allow_tf32: bool = False, deterministic: bool = True,
+                          fused: bool = True):
+    """Launch the backward; returns ``(dq_s, dk_s)`` in the dtypes of ``q_s, k_s``.
+
+    Default: one fused kernel, one program per (key block, batch x pair), computes dS once per tile for both
+    gradients (4 exponentials per element for forward + backward) and sums dQ over key blocks in a fixed order
+    (int32 tickets, see ``_dq_add``): deterministic, bit-identical from run to run, no floating-point atomics.
+    ``deterministic=False``: the same kernel adds dQ with fp32 atomics into a zeroed fp32 buffer, cast at the end
+    (no waiting between programs; rounding depends on the order the GPU runs them in).
+    ``fused=False``: two kernels (dQ over key blocks, dK over row blocks), each recomputing both softmaxes (6
+    exponentials per element), with no ordering between programs and no scratch; deterministic.
 
     When every pair has its own student head and the rows are distinct (the common case), each element of
-    ``dq_s``/``dk_s`` has exactly one writer and the kernels store straight into them in the input dtype.
+    ``dq_s``/``dk_s`` has exactly one final writer and the kernels store straight into them in the input dtype.
     Otherwise (a student head in several pairs, repeated rows) each (batch, pair) program writes its own slice
     of fp32 buffers ``[B, P, R, d_s]`` / ``[B, P, N, d_s]`` and one index_add sums them: deterministic, no atomics.
     ``unique_heads`` / ``unique_rows``: that decision from host values (see :func:`head_rows_unique`); when
     either is None it is read from ``pairs`` / ``rows``, which synchronises if they live on the device.
-    ``deterministic=False``: one fused kernel computes dS once per tile for both gradients (4 instead of 6
-    exponentials per element for forward + backward) and adds dQ into an fp32 buffer with atomics, so its
-    rounding depends on the order the GPU runs the programs in.
     """
     B, H_s, N, DS = q_s.shape
     DT = q_t.shape[-1]
@@ -492,16 +630,17 @@ def attention_kl_backward(grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale
         unique_heads = heads_ok if unique_heads is None else unique_heads
         unique_rows = rows_ok if unique_rows is None else unique_rows
     direct = unique_heads and unique_rows
-    fused = not deterministic
+    atomic = not deterministic
+    fused = fused or atomic
     if direct:
-        covers_all = P == H_s and R == N and not fused  # every head and row written: no zero fill needed
-        dq_dtype = torch.float32 if fused else q_s.dtype  # atomics accumulate in fp32
+        covers_all = P == H_s and R == N and not atomic  # every head and row written: no zero fill needed
+        dq_dtype = torch.float32 if atomic else q_s.dtype  # atomics accumulate in fp32
         dq = (torch.empty if covers_all else torch.zeros)(q_s.shape, dtype=dq_dtype, device=dev)
         dk = (torch.empty if P == H_s else torch.zeros)(k_s.shape, dtype=k_s.dtype, device=dev)
         dq_out, dk_out = dq, dk
     else:
-        dq_out = torch.zeros(B, P, R, DS, dtype=torch.float32, device=dev)
-        dk_out = torch.zeros(B, P, N, DS, dtype=torch.float32, device=dev)
+        dq_out = (torch.zeros if atomic else torch.empty)(B, P, R, DS, dtype=torch.float32, device=dev)
+        dk_out = torch.empty(B, P, N, DS, dtype=torch.float32, device=dev)
     pairs_dev = pairs.to(device=dev, non_blocking=True)
     rows_dev = rows.to(device=dev, non_blocking=True)
     if B * P * R > 0:
@@ -514,26 +653,39 @@ def attention_kl_backward(grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale
         common = dict(
             BLOCK_DS=head_block(DS), BLOCK_DT=head_block(DT), EVEN_DS=head_block(DS) == DS,
             EVEN_DT=head_block(DT) == DT, HAS_MASK=has_mask, REVERSE=bool(reverse),
-            UPCAST=upcast, PRECISION=precision((q_s, q_t), allow_tf32), DIRECT=direct,
+            UPCAST=upcast, PRECISION=precision((q_s, q_t), allow_tf32), DIRECT=direct, num_warps=warps_for(upcast),
         )  # fmt: skip
         args = (
             *_strides4(q_s), *_strides4(k_s), *_strides4(q_t), *_strides4(k_t), smb, smn,
             N, R, P, DS, DT, float(scale_s) * LOG2E, float(scale_t) * LOG2E,
         )  # fmt: skip
         with device_guard(q_s):
-            for row0, programs, bm, tail in [] if fused else splits(R, BLOCK_M):
-                _attention_kl_bwd_dq_kernel[(programs, B * P)](
-                    q_s, k_s, q_t, k_t, pairs32, rows32, mask, lse_s_rows, lse_t_rows, kl, grad, dq_out,
-                    *_strides4(dq_out), *args, row0, BLOCK_M=bm, BLOCK_N=BLOCK_N, BLOCK_T=tail_block(N, BLOCK_N),
-                    OWN_TAIL=tail, num_warps=warps_for(upcast), **common,
-                )  # fmt: skip
-            for key0, programs, bn, tail in splits(N, BLOCK_N):
-                _attention_kl_bwd_dk_kernel[(programs, B * P)](
+            if fused:
+                # ordered dQ: an fp32 scratch [B x P, R, d_s] (the buffer itself when dQ is buffered; never
+                # zeroed) and one int32 ticket per (batch x pair, row block), zeroed
+                scratch = dq_out if atomic or not direct else torch.empty(B, P, R, DS, dtype=torch.float32,
+                                                                          device=dev)
+                n_rb = -(-R // BLOCK_M)
+                tickets = pairs32 if atomic else torch.zeros(B * P * n_rb, dtype=torch.int32, device=dev)
+                _attention_kl_bwd_kernel[(-(-N // BLOCK_N), B * P)](
                     q_s, k_s, q_t, k_t, pairs32, rows32, mask, lse_s_rows, lse_t_rows, kl, grad, dk_out, dq_out,
-                    *_strides4(dk_out), *_strides4(dq_out), *args, key0, BLOCK_M=BLOCK_M, BLOCK_N=bn,
-                    BLOCK_T=tail_block(R, BLOCK_M), OWN_TAIL=tail, FUSED=fused,
-                    num_warps=warps_for(upcast), **common,
+                    scratch, tickets, *_strides4(dk_out), *_strides4(dq_out), *args, BLOCK_M=BLOCK_M,
+                    BLOCK_N=BLOCK_N, BLOCK_T=tail_block(N, BLOCK_N), BLOCK_TR=tail_block(R, BLOCK_M), ATOMIC=atomic,
+                    **common,
                 )  # fmt: skip
+            else:
+                for row0, programs, bm, tail in splits(R, BLOCK_M):
+                    _attention_kl_bwd_dq_kernel[(programs, B * P)](
+                        q_s, k_s, q_t, k_t, pairs32, rows32, mask, lse_s_rows, lse_t_rows, kl, grad, dq_out,
+                        *_strides4(dq_out), *args, row0, BLOCK_M=bm, BLOCK_N=BLOCK_N,
+                        BLOCK_T=tail_block(N, BLOCK_N), OWN_TAIL=tail, **common,
+                    )  # fmt: skip
+                for key0, programs, bn, tail in splits(N, BLOCK_N):
+                    _attention_kl_bwd_dk_kernel[(programs, B * P)](
+                        q_s, k_s, q_t, k_t, pairs32, rows32, mask, lse_s_rows, lse_t_rows, kl, grad, dk_out,
+                        *_strides4(dk_out), *args, key0, BLOCK_M=BLOCK_M, BLOCK_N=bn,
+                        BLOCK_T=tail_block(R, BLOCK_M), OWN_TAIL=tail, **common,
+                    )  # fmt: skip
     if direct:
         return dq.to(q_s.dtype), dk
     hs = pairs_dev[:, 0]
