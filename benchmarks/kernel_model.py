@@ -22,7 +22,12 @@ Timing model (per kernel, at the launch's grid scaled to the benchmark batch):
     tensor     : MMA FLOP per SM / (dense peak / SMs)
     memory     : HBM bytes (each input read once, outputs written once; re-reads of K tiles hit L2) / bandwidth
     predicted  = max(issue, exp, tensor, memory) + launch overhead
-    (the fused backward's fp32 dQ atomics are counted as issued instructions; their L2 throughput is not modelled)
+    (fused backward, default: the fp32 dQ scratch is read and written in L2 by consecutive key blocks of one head,
+    which run at the same time; it is counted as one fp32 write-back to HBM, plus the zeroed int32 tickets. The
+    waits of the key-block ordering are NOT modelled (no stall model): a program that finds its ticket not yet
+    turned idles, which the model does not see. Its spin loops are counted as one pass per row block.
+    deterministic=False: the fp32 dQ buffer's zero fill, read and cast are HBM traffic; the atomics themselves
+    are counted as issued instructions, their L2 throughput is not modelled)
     bound      = max(exp, tensor, memory)  -- the design's own bound: its own exps, MMA and bytes, free issue
 
 The floor is PERFORMANCE.md's (``benchmarks/attention_kl.py``: 4 exponentials per element for forward +
@@ -145,7 +150,7 @@ def timm_qk(B: int, H: int, N: int, d: int, dtype: torch.dtype) -> tuple[torch.T
 
 
 def attention_kl_launches(arch: int, N: int, dtype: str, H: int = 6, d: int = 64, B: int = 2, reverse: bool = False,
-                          given_lse: bool = False, deterministic: bool = True) -> list[Launch]:
+                          given_lse: bool = False, deterministic: bool = True, fused: bool = True) -> list[Launch]:
     """Compile forward + backward of attention_kl as one training step launches them (all heads, all rows)."""
     from fastkd.kernels import attention_kl as K
 
@@ -159,7 +164,7 @@ def attention_kl_launches(arch: int, N: int, dtype: str, H: int = 6, d: int = 64
     with compiling_for(arch) as launches:
         kl, ls, lt = K.attention_kl_forward(q_s, k_s, q_t, k_t, pairs, rows, None, scale, scale, reverse, lse, lse)
         K.attention_kl_backward(torch.empty(B, H, N), q_s, k_s, q_t, k_t, pairs, rows, None, scale, scale, reverse,
-                                ls, lt, kl, deterministic=deterministic)
+                                ls, lt, kl, deterministic=deterministic, fused=fused)
     return launches
 
 
@@ -256,6 +261,11 @@ def _read_sass(cubin: bytes) -> Sass:
         if m and labels.get(m.group(1), i + 1) < i:
             spans.append((labels[m.group(1)], i))
     spans = [(lo, hi) for lo, hi in spans if sum(1 for i, _ in ops if lo < i <= hi) > 1]  # a lone BRA is a trap
+    # a spin-wait (a short loop around an atomic compare-and-swap: the fused backward's ticket) is not a tile loop;
+    # its body counts once, inside the loop around it (no wait modelled)
+    spans = [(lo, hi) for lo, hi in spans
+             if not (any("ATOMG" in op and ".CAS" in op for i, op in ops if lo < i <= hi)
+                     and sum(1 for i, _ in ops if lo < i <= hi) < 40)]
     inner = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
     in_loop = set()
     loops = []
@@ -285,6 +295,7 @@ STREAMS = {
     "_attention_kl_fwd_kernel": ("keys", True),
     "_attention_kl_bwd_dq_kernel": ("keys", True),
     "_attention_kl_bwd_dk_kernel": ("rows", True),
+    "_attention_kl_bwd_kernel": ("rows", True),
     "_head_importance_kernel": ("keys", True),
 }
 
@@ -295,20 +306,34 @@ def _tile_of(launch: Launch) -> tuple[int, int]:
 
 
 def analyse(launch: Launch, sass: Sass, N: int, R: int) -> dict:
-    """Per-launch counts: instructions, exps, MMA FLOP per CTA, per (row, key) element of the inner loops."""
+    """Per-launch counts: instructions, exps, MMA FLOP per CTA, per (row, key) element of the inner loops.
+
+    The fused backward's programs take one of two branches, each with its own row loop: a full key block, or the
+    narrow remainder block (program S-1 when N % BLOCK_N != 0). Its per-CTA counts are the average over its S
+    programs, the per-element counts those of the full-block loop (the loop with the most MMA work); the
+    straight-line code of both branches is counted for every program (a small over-count)."""
     bm, bn = _tile_of(launch)
     stream, peeled = STREAMS[launch.name]
     length, block = (N, bn) if stream == "keys" else (R, bm)
     trips = length // block if peeled else -(-length // block)
     w = launch.num_warps
     per_cta = dict(sass.straight)
-    for loop in sass.loops:
+    loops = sass.loops
+    tail_keys = int(launch.constexprs.get("BLOCK_T", 0)) if launch.name == "_attention_kl_bwd_kernel" else 0
+    if tail_keys and len(loops) == 2:
+        main, tail = sorted(loops, key=lambda x: (x["mma_flops"], x["instr"]), reverse=True)
+        S = launch.grid[0]
         for k in per_cta:
-            per_cta[k] += loop[k] * trips
+            per_cta[k] += (main[k] * (S - 1) + tail[k]) * trips / S
+        loops = [main]
+    else:
+        for loop in loops:
+            for k in per_cta:
+                per_cta[k] += loop[k] * trips
     elems = bm * bn
-    loop_instr = sum(loop["instr"] for loop in sass.loops)
-    loop_exp = sum(loop["mufu_ex2"] for loop in sass.loops)
-    loop_mma = sum(loop["mma"] for loop in sass.loops)
+    loop_instr = sum(loop["instr"] for loop in loops)
+    loop_exp = sum(loop["mufu_ex2"] for loop in loops)
+    loop_mma = sum(loop["mma"] for loop in loops)
     return {
         "warps": w, "block_m": bm, "block_n": bn, "trips": trips,
         "loop_instr_per_tile": loop_instr,
@@ -342,8 +367,13 @@ def _attention_kl_bytes(launch: Launch, B: int, H: int, N: int, d: int, elt: int
     rows = B * H * N * 4
     if "fwd" in launch.name:
         return 4 * tensor + 3 * rows
-    if launch.constexprs.get("FUSED"):  # + dQ in fp32: zero fill, read and cast (atomics themselves stay in L2)
-        return 4 * tensor + 4 * rows + tensor + 3 * B * H * N * d * 4 + tensor
+    fp32 = B * H * N * d * 4
+    if launch.name == "_attention_kl_bwd_kernel":  # fused: inputs, row statistics and grad, dq and dk written
+        if launch.constexprs.get("ATOMIC"):  # + the fp32 dQ buffer: zero fill, read and cast (atomics stay in L2)
+            return 4 * tensor + 4 * rows + 3 * fp32 + tensor + tensor
+        tickets = B * H * -(-N // int(launch.constexprs["BLOCK_M"])) * 4  # zeroed int32, one per row block
+        scratch = fp32 if launch.grid[0] > 1 else 0  # one write-back of the fp32 dQ scratch; its reads hit L2
+        return 4 * tensor + 4 * rows + 2 * tensor + scratch + tickets
     return 4 * tensor + 4 * rows + tensor  # inputs + saved row statistics and grad, one of dq / dk written
 
 
@@ -372,6 +402,14 @@ def _report_row(launch: Launch, sass: Sass, counts: dict, hw: dict, occ: int) ->
     }  # fmt: skip
 
 
+# the backward launcher's options: (deterministic, fused, suffix of the CSV's "attention_kl total" row)
+VARIANTS = (
+    (True, True, ""),  # the default: fused backward, dQ summed in key-block order
+    (False, True, " (deterministic=False: fused backward, dQ atomics)"),
+    (True, False, " (fused=False: two-kernel backward)"),
+)
+
+
 def model_attention_kl(hw_name: str, dtypes: list[str], shapes: dict = SHAPES, verbose: bool = True) -> list[dict]:
     """One CSV row per (kernel, N, dtype) plus a ``total`` row per (N, dtype) with the floor."""
     hw = HARDWARE[hw_name]
@@ -379,9 +417,8 @@ def model_attention_kl(hw_name: str, dtypes: list[str], shapes: dict = SHAPES, v
     rows = []
     for dtype in dtypes:
         elt = torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
-        for N, deterministic in ((n, det) for n in shapes["N"] for det in (True, False)):
-            launches = attention_kl_launches(hw["arch"], N, dtype, H=H, d=d, deterministic=deterministic)
-            variant = "" if deterministic else " (deterministic=False: fused backward, dQ atomics)"
+        for N, (deterministic, fused, variant) in ((n, v) for n in shapes["N"] for v in VARIANTS):
+            launches = attention_kl_launches(hw["arch"], N, dtype, H=H, d=d, deterministic=deterministic, fused=fused)
             cache: dict[int, Sass] = {}
             fwd = bwd = 0.0
             fwd_b = bwd_b = 0.0
@@ -393,7 +430,7 @@ def model_attention_kl(hw_name: str, dtypes: list[str], shapes: dict = SHAPES, v
                 hbm = 0.0 if is_tail(launch) else _attention_kl_bytes(launch, B, H, N, d, elt)  # once per op
                 pred = predict(launch, counts, hw, B / 2, hbm, occ)
                 row = {"N": N, "dtype": dtype, **_report_row(launch, sass, counts, hw, occ)}
-                row["kernel"] += " fused" if launch.constexprs.get("FUSED") else ""
+                row["kernel"] += " (dQ atomics)" if launch.constexprs.get("ATOMIC") else ""
                 ms = pred["s"] * 1e3
                 row.update({
                     "predicted_ms_fwd": round(ms, 5) if "fwd" in launch.name else "",

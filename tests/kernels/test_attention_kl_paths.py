@@ -133,29 +133,79 @@ def test_launchers_do_not_synchronise(reverse):
         K.attention_kl_backward(g, q_s, k_s, q_t, k_t, pairs, rows, None, 0.25, 0.25, reverse, ls, lt, kl)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(
-    "pairs, rows, direction",
-    [([(0, 1), (1, 0)], None, "forward"), ([(0, 1), (0, 0)], [3, 3, 0, 70], "reverse")],
-    ids=["unique-forward", "repeats-reverse"],
-)  # fmt: skip
-def test_fused_backward_option(dtype, pairs, rows, direction):
-    """deterministic=False: one fused kernel (dS once per tile, dQ by fp32 atomics), with tails in rows and
-    keys, masked keys, repeated student heads and rows -- gradients against the fp64 oracle."""
-    B, N = 2, 71
-    inputs = make_inputs(B, 2, 2, N, 16, 16, dtype_s=dtype, seed=131)
-    mask = torch.ones(B, N, dtype=torch.bool)
-    mask[0, 3] = mask[1, 70] = False
-    rows_t = torch.arange(N) if rows is None else torch.tensor(rows)
-    kw = dict(pairs=pairs, key_mask=mask, direction=direction, rows=None if rows is None else rows_t)
-    want = oracle(inputs, **kw)
+# The backward launcher's three schedules: the default fused kernel with dQ summed in key-block order (tickets),
+# the same kernel with fp32 dQ atomics (deterministic=False), and the two-kernel backward (fused=False).
+VARIANTS = {"ordered": {}, "atomic": {"deterministic": False}, "two-kernel": {"fused": False}}
+
+
+def _backward(inputs, pairs, rows, key_mask=None, direction="forward", lse_s=None, lse_t=None, seed=1, **options):
+    """Forward and backward through the launchers with the given backward options: (kl, dq_s, dk_s)."""
     q_s, k_s, q_t, k_t = inputs
-    pairs_t, reverse = torch.tensor(pairs), direction == "reverse"
-    kl, ls, lt = K.attention_kl_forward(q_s, k_s, q_t, k_t, pairs_t, rows_t, mask, 0.25, 0.25, reverse, None, None)
-    g = torch.randn(kl.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).float()
-    got = K.attention_kl_backward(g, q_s, k_s, q_t, k_t, pairs_t, rows_t, mask, 0.25, 0.25, reverse, ls, lt, kl,
-                                  deterministic=False)
-    assert_close_rel(kl, want[0], tol(torch.float32, N * 16), "kl", scale=want[3])
-    for name, a, e in zip(("dq_s", "dk_s"), got, want[1:3]):
+    N = q_s.shape[2]
+    pairs_t = torch.tensor(pairs)
+    rows_t = torch.arange(N) if rows is None else torch.tensor(rows)
+    reverse, scale_s, scale_t = direction == "reverse", q_s.shape[3] ** -0.5, q_t.shape[3] ** -0.5
+    kl, ls, lt = K.attention_kl_forward(q_s, k_s, q_t, k_t, pairs_t, rows_t, key_mask, scale_s, scale_t, reverse,
+                                        lse_s, lse_t)
+    g = torch.randn(kl.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).float()
+    dq, dk = K.attention_kl_backward(g, q_s, k_s, q_t, k_t, pairs_t, rows_t, key_mask, scale_s, scale_t, reverse,
+                                     ls, lt, kl, **options)
+    return kl, dq, dk
+
+
+FUSED_CASES = [  # B, H_s, H_t, N, d_s, d_t, pairs, rows, masked, direction, given LSEs
+    pytest.param(2, 2, 2, 1, 16, 16, [(0, 0), (1, 1)], None, False, "forward", "", id="N1"),
+    pytest.param(2, 2, 3, 17, 16, 24, [(0, 2), (1, 0)], None, True, "reverse", "", id="N17-mask-reverse"),
+    pytest.param(1, 2, 2, 197, 16, 16, [(0, 1), (1, 0)], None, False, "forward", "st", id="N197-given-lses"),
+    pytest.param(1, 2, 3, 197, 24, 16, [(0, 2), (0, 1), (1, 1)], [0, 196, 5, 5, 64, 100], True, "reverse", "",
+                 id="N197-repeated-heads-rows-mask"),
+    pytest.param(1, 1, 1, 577, 16, 16, [(0, 0)], None, False, "reverse", "t", id="N577-all-rows"),
+    pytest.param(1, 2, 2, 577, 16, 16, [(1, 0)], [0, 576, 300], True, "forward", "", id="N577-row-subset-mask"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, H_s, H_t, N, d_s, d_t, pairs, rows, masked, direction, given", FUSED_CASES)
+def test_backward_schedules_match_fp64_oracle(B, H_s, H_t, N, d_s, d_t, pairs, rows, masked, direction, given,
+                                              dtype, variant):
+    """Every backward schedule against the fp64 oracle: one key block (N=1, where the first key block is also the
+    last), a tail in rows and keys (17, 197 = 3*64 + 5, 577 = 9*64 + 1), key masks, reverse, given LSEs, repeated
+    student heads and rows (the buffered path), d_s != d_t and padded head dims, in every dtype."""
+    inputs = make_inputs(B, H_s, H_t, N, d_s, d_t, dtype_s=dtype, seed=N + d_s)
+    q_s, k_s, q_t, k_t = inputs
+    mask = None
+    if masked:
+        mask = torch.rand(B, N, generator=torch.Generator().manual_seed(N)) > 0.3
+        mask[:, -1] = False  # a dropped key in the narrow remainder key block
+        mask[:, 0] = True  # and the CLS key kept
+    lse = {}
+    if "s" in given:
+        lse["lse_s"] = _lse(q_s, k_s, d_s**-0.5).float()
+    if "t" in given:
+        lse["lse_t"] = _lse(q_t, k_t, d_t**-0.5).float()
+    kw = dict(pairs=pairs, rows=rows, key_mask=mask, direction=direction)
+    got = _backward(inputs, **kw, **lse, **VARIANTS[variant])
+    want = oracle(inputs, **{**kw, "rows": None if rows is None else torch.tensor(rows)})
+    assert_close_rel(got[0], want[0], tol(torch.float32, N * max(d_s, d_t)), "kl", scale=want[3])
+    for name, a, e in zip(("dq_s", "dk_s"), got[1:], want[1:3]):
         assert a.dtype == dtype, f"{name} dtype {a.dtype}"
-        assert_close_rel(a, e, tol(dtype, N * 16), f"fused {name} {dtype}")
+        assert_close_rel(a, e, tol(dtype, N * max(d_s, d_t)), f"{variant} {name} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pairs, rows", [([(0, 1), (1, 0)], None), ([(0, 1), (0, 0)], [3, 3, 0, 150])],
+                         ids=["direct", "buffered"])
+def test_default_backward_is_bit_identical_across_runs(dtype, pairs, rows):
+    """The default backward twice on the same inputs: identical bits (on a GPU the programs run in a different
+    order each time; the key-block order of the dQ sum does not change), and equal to the oracle."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    inputs = make_inputs(2, 2, 2, 151, 16, 16, dtype_s=dtype, seed=151)
+    on = tuple(x.to(device) for x in inputs)
+    first = _backward(on, pairs, rows)
+    second = _backward(on, pairs, rows)
+    for name, a, b in zip(("kl", "dq_s", "dk_s"), first, second):
+        assert torch.equal(a, b), f"{name}: two runs differ in {int((a != b).sum())} elements"
+    want = oracle(inputs, pairs=pairs, rows=None if rows is None else torch.tensor(rows))
+    for name, a, e in zip(("dq_s", "dk_s"), first[1:], want[1:3]):
+        assert_close_rel(a.cpu(), e, tol(dtype, 151 * 16), f"ordered {name} {dtype}")
