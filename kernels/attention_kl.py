@@ -416,8 +416,7 @@ def _dq_add(DQ, SCRATCH, TICKETS, dq, d_ptr, scr_ptr, ok, ticket, j, last, ATOMI
     else:
         while tl.atomic_cas(TICKETS + ticket, j, j, sem="acquire") != j:
             pass
-        if j > 0:
-            dq += tl.load(scr_ptr, mask=ok, other=0.0, cache_modifier=".cg")
+        dq += tl.load(scr_ptr, mask=ok & (j > 0), other=0.0, cache_modifier=".cg")  # j = 0: nothing to add
         if j == last:
             tl.store(d_ptr, dq.to(DQ.dtype.element_ty), mask=ok)
         else:
