@@ -42,13 +42,16 @@ def device_guard(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def blocks(R: int, N: int, fp32: bool = False) -> tuple[int, int]:
+def blocks(R: int, N: int, fp32: bool = False, fused: bool = False) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of the full tiles. Compiled: 64 x 64 (32 x 32 for fp32 inputs, whose IEEE dots on
-    CUDA cores would spill at 64 x 64). The interpreter runs each tile as numpy and prefers few tiles, but
-    keeps at least one full tile and a tail for small shapes so that both code paths run in the tests."""
+    CUDA cores would spill at 64 x 64; 16 x 32 in the fused attention_kl backward, which spills at 32 x 32 on
+    sm_90). The interpreter runs each tile as numpy and prefers few tiles, but keeps at least one full tile and
+    a tail for small shapes so that both code paths run in the tests."""
     if interpret():
         return max(16, min(64, next_pow2(R) // 2)), max(16, min(64, next_pow2(N) // 2))
-    return (32, 32) if fp32 else (64, 64)
+    if fp32:
+        return (16, 32) if fused else (32, 32)
+    return 64, 64
 
 
 def tail_block(length: int, block: int) -> int:

@@ -648,7 +648,7 @@ def attention_kl_backward(grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale
         mask, smb, smn, has_mask = _mask_args(key_mask, pairs32)
         grad = grad.to(torch.float32).contiguous()
         upcast = upcast_inputs(q_s, q_t)
-        BLOCK_M, BLOCK_N = blocks(R, N, fp32=upcast)
+        BLOCK_M, BLOCK_N = blocks(R, N, fp32=upcast, fused=fused)
         common = dict(
             BLOCK_DS=head_block(DS), BLOCK_DT=head_block(DT), EVEN_DS=head_block(DS) == DS,
             EVEN_DT=head_block(DT) == DT, HAS_MASK=has_mask, REVERSE=bool(reverse),
