@@ -347,46 +347,18 @@ def _attention_kl_bwd_dk_kernel(
 ):
     # the two-kernel backward's dK (fused=False): one program per (key block, batch x pair); streams over row
     # tiles (BLOCK_M, tail BLOCK_T); recomputes both softmaxes, as the dQ kernel does
-    pid_n = tl.program_id(0)
     pid_bp = tl.program_id(1)
     b = (pid_bp // P).to(tl.int64)
     p = pid_bp % P
     hs = tl.load(PAIRS + 2 * p).to(tl.int64)
     ht = tl.load(PAIRS + 2 * p + 1).to(tl.int64)
-    offs_n = OWN0 + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    key_in = offs_n < N
-    key_ok = key_in
-    if HAS_MASK:
-        key_ok = _keep(MASK, b, stride_mb, stride_mn, offs_n, key_in, OWN_TAIL)
-    offs_ds = tl.arange(0, BLOCK_DS)
-    offs_dt = tl.arange(0, BLOCK_DT)
-    ks = _tile(KS, b * stride_ksb + hs * stride_ksh, offs_n, key_in, offs_ds, DS, stride_ksn, stride_ksd,
-               OWN_TAIL, EVEN_DS, UPCAST, True)
-    kt = _tile(KT, b * stride_ktb + ht * stride_kth, offs_n, key_in, offs_dt, DT, stride_ktn, stride_ktd,
-               OWN_TAIL, EVEN_DT, UPCAST, True)
-    qs_base = b * stride_qsb + hs * stride_qsh
-    qt_base = b * stride_qtb + ht * stride_qth
-    bp = pid_bp.to(tl.int64)
-    KEYS_MASKED: tl.constexpr = OWN_TAIL or HAS_MASK
-    dk = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
-    r_full = R - R % BLOCK_M
-    for start_m in range(0, r_full, BLOCK_M):
-        ds, qs, _, _, _ = _ds_tile(QS, QT, ROWS, LSE_S, LSE_T, KL, GRAD, qs_base, qt_base, start_m, bp, R, DS, DT,
-                                   stride_qsn, stride_qsd, stride_qtn, stride_qtd, scale_s, scale_t, ks, kt, key_ok,
-                                   offs_ds, offs_dt, BLOCK_M, False, KEYS_MASKED, EVEN_DS, EVEN_DT, REVERSE, UPCAST,
-                                   PRECISION)
-        dk += tl.dot(tl.trans(ds), qs, input_precision=PRECISION)
-    if BLOCK_T > 0:
-        ds, qs, _, _, _ = _ds_tile(QS, QT, ROWS, LSE_S, LSE_T, KL, GRAD, qs_base, qt_base, r_full, bp, R, DS, DT,
-                                   stride_qsn, stride_qsd, stride_qtn, stride_qtd, scale_s, scale_t, ks, kt, key_ok,
-                                   offs_ds, offs_dt, BLOCK_T, True, KEYS_MASKED, EVEN_DS, EVEN_DT, REVERSE, UPCAST,
-                                   PRECISION)
-        dk += tl.dot(tl.trans(ds), qs, input_precision=PRECISION)
-    if DIRECT:
-        d_out = DK + b * stride_ob + hs * stride_oh + offs_n[:, None] * stride_on + offs_ds[None, :] * stride_od
-    else:
-        d_out = DK + b * stride_ob + p * stride_oh + offs_n[:, None] * stride_on + offs_ds[None, :] * stride_od
-    tl.store(d_out, dk.to(DK.dtype.element_ty), mask=key_in[:, None] & (offs_ds[None, :] < DS))
+    _key_block(QS, KS, QT, KT, ROWS, MASK, LSE_S, LSE_T, KL, GRAD, DK, DK, DK, PAIRS, b, p, hs, ht,
+               pid_bp.to(tl.int64), 0, 0, OWN0 + tl.program_id(0) * BLOCK_N,
+               stride_ob, stride_oh, stride_on, stride_od, 0, 0, 0, 0,
+               stride_qsb, stride_qsh, stride_qsn, stride_qsd, stride_ksb, stride_ksh, stride_ksn, stride_ksd,
+               stride_qtb, stride_qth, stride_qtn, stride_qtd, stride_ktb, stride_kth, stride_ktn, stride_ktd,
+               stride_mb, stride_mn, N, R, DS, DT, scale_s, scale_t, BLOCK_N, OWN_TAIL, BLOCK_M, BLOCK_T,
+               BLOCK_DS, BLOCK_DT, EVEN_DS, EVEN_DT, HAS_MASK, REVERSE, UPCAST, PRECISION, DIRECT, False, False)
 
 
 # The fused backward: one program per (key block j, batch x pair), j on grid axis 0. It loads its keys once, keeps
@@ -426,17 +398,18 @@ def _dq_add(DQ, SCRATCH, TICKETS, dq, d_ptr, scr_ptr, ok, ticket, j, last, ATOMI
 
 
 @triton.jit
-def _fused_key_block(QS, KS, QT, KT, ROWS, MASK, LSE_S, LSE_T, KL, GRAD, DK, DQ, SCRATCH, TICKETS,
-                     b, p, hs, ht, bp, j, last, key0,
-                     stride_ob, stride_oh, stride_on, stride_od, stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-                     stride_qsb, stride_qsh, stride_qsn, stride_qsd, stride_ksb, stride_ksh, stride_ksn, stride_ksd,
-                     stride_qtb, stride_qth, stride_qtn, stride_qtd, stride_ktb, stride_kth, stride_ktn, stride_ktd,
-                     stride_mb, stride_mn, N, R, DS, DT, scale_s, scale_t,
-                     WIDTH: tl.constexpr, KEY_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_TR: tl.constexpr,
-                     BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr, EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr,
-                     HAS_MASK: tl.constexpr, REVERSE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                     DIRECT: tl.constexpr, ATOMIC: tl.constexpr):
-    # the whole backward of one key block: dK_j stored at the end, dQ contributions added row block by row block
+def _key_block(QS, KS, QT, KT, ROWS, MASK, LSE_S, LSE_T, KL, GRAD, DK, DQ, SCRATCH, TICKETS,
+               b, p, hs, ht, bp, j, last, key0,
+               stride_ob, stride_oh, stride_on, stride_od, stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+               stride_qsb, stride_qsh, stride_qsn, stride_qsd, stride_ksb, stride_ksh, stride_ksn, stride_ksd,
+               stride_qtb, stride_qth, stride_qtn, stride_qtd, stride_ktb, stride_kth, stride_ktn, stride_ktd,
+               stride_mb, stride_mn, N, R, DS, DT, scale_s, scale_t,
+               WIDTH: tl.constexpr, KEY_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_TR: tl.constexpr,
+               BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr, EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr,
+               HAS_MASK: tl.constexpr, REVERSE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+               DIRECT: tl.constexpr, WITH_DQ: tl.constexpr, ATOMIC: tl.constexpr):
+    # the backward of one key block: dK_j stored at the end; WITH_DQ (the fused kernel): the dQ contributions are
+    # added row block by row block (_dq_add), else (the two-kernel dK) they are left to the dQ kernel
     offs_n = key0 + tl.arange(0, WIDTH)
     key_in = offs_n < N
     key_ok = key_in
@@ -465,23 +438,25 @@ def _fused_key_block(QS, KS, QT, KT, ROWS, MASK, LSE_S, LSE_T, KL, GRAD, DK, DQ,
             QS, QT, ROWS, LSE_S, LSE_T, KL, GRAD, qs_base, qt_base, start_m, bp, R, DS, DT, stride_qsn, stride_qsd,
             stride_qtn, stride_qtd, scale_s, scale_t, ks, kt, key_ok, offs_ds, offs_dt, BLOCK_M, False, KEYS_MASKED,
             EVEN_DS, EVEN_DT, REVERSE, UPCAST, PRECISION)
-        dq = tl.dot(ds, tl.trans(ks), input_precision=PRECISION)
         dk += tl.dot(tl.trans(ds), qs, input_precision=PRECISION)
-        idx = rows if DIRECT else offs_m
-        _dq_add(DQ, SCRATCH, TICKETS, dq, dq_base + idx[:, None] * stride_dqn + offs_ds[None, :] * stride_dqd,
-                scr_base + offs_m[:, None] * DS + offs_ds[None, :], row_ok[:, None] & col_ok,
-                bp * n_rb + start_m // BLOCK_M, j, last, ATOMIC)
+        if WITH_DQ:
+            dq = tl.dot(ds, tl.trans(ks), input_precision=PRECISION)
+            idx = rows if DIRECT else offs_m
+            _dq_add(DQ, SCRATCH, TICKETS, dq, dq_base + idx[:, None] * stride_dqn + offs_ds[None, :] * stride_dqd,
+                    scr_base + offs_m[:, None] * DS + offs_ds[None, :], row_ok[:, None] & col_ok,
+                    bp * n_rb + start_m // BLOCK_M, j, last, ATOMIC)
     if BLOCK_TR > 0:
         ds, qs, offs_m, rows, row_ok = _ds_tile(
             QS, QT, ROWS, LSE_S, LSE_T, KL, GRAD, qs_base, qt_base, r_full, bp, R, DS, DT, stride_qsn, stride_qsd,
             stride_qtn, stride_qtd, scale_s, scale_t, ks, kt, key_ok, offs_ds, offs_dt, BLOCK_TR, True, KEYS_MASKED,
             EVEN_DS, EVEN_DT, REVERSE, UPCAST, PRECISION)
-        dq = tl.dot(ds, tl.trans(ks), input_precision=PRECISION)
         dk += tl.dot(tl.trans(ds), qs, input_precision=PRECISION)
-        idx = rows if DIRECT else offs_m
-        _dq_add(DQ, SCRATCH, TICKETS, dq, dq_base + idx[:, None] * stride_dqn + offs_ds[None, :] * stride_dqd,
-                scr_base + offs_m[:, None] * DS + offs_ds[None, :], row_ok[:, None] & col_ok,
-                bp * n_rb + r_full // BLOCK_M, j, last, ATOMIC)
+        if WITH_DQ:
+            dq = tl.dot(ds, tl.trans(ks), input_precision=PRECISION)
+            idx = rows if DIRECT else offs_m
+            _dq_add(DQ, SCRATCH, TICKETS, dq, dq_base + idx[:, None] * stride_dqn + offs_ds[None, :] * stride_dqd,
+                    scr_base + offs_m[:, None] * DS + offs_ds[None, :], row_ok[:, None] & col_ok,
+                    bp * n_rb + r_full // BLOCK_M, j, last, ATOMIC)
     if DIRECT:
         d_out = DK + b * stride_ob + hs * stride_oh + offs_n[:, None] * stride_on + offs_ds[None, :] * stride_od
     else:
@@ -522,14 +497,14 @@ def _attention_kl_bwd_kernel(
             stride_mb, stride_mn, N, R, DS, DT, scale_s, scale_t)
     if BLOCK_T > 0:
         if j == n_full:  # the narrow remainder key block
-            _fused_key_block(*args, BLOCK_T, True, BLOCK_M, BLOCK_TR, BLOCK_DS, BLOCK_DT, EVEN_DS, EVEN_DT,
-                             HAS_MASK, REVERSE, UPCAST, PRECISION, DIRECT, ATOMIC)
+            _key_block(*args, BLOCK_T, True, BLOCK_M, BLOCK_TR, BLOCK_DS, BLOCK_DT, EVEN_DS, EVEN_DT,
+                             HAS_MASK, REVERSE, UPCAST, PRECISION, DIRECT, True, ATOMIC)
         else:
-            _fused_key_block(*args, BLOCK_N, False, BLOCK_M, BLOCK_TR, BLOCK_DS, BLOCK_DT, EVEN_DS, EVEN_DT,
-                             HAS_MASK, REVERSE, UPCAST, PRECISION, DIRECT, ATOMIC)
+            _key_block(*args, BLOCK_N, False, BLOCK_M, BLOCK_TR, BLOCK_DS, BLOCK_DT, EVEN_DS, EVEN_DT,
+                             HAS_MASK, REVERSE, UPCAST, PRECISION, DIRECT, True, ATOMIC)
     else:
-        _fused_key_block(*args, BLOCK_N, False, BLOCK_M, BLOCK_TR, BLOCK_DS, BLOCK_DT, EVEN_DS, EVEN_DT,
-                         HAS_MASK, REVERSE, UPCAST, PRECISION, DIRECT, ATOMIC)
+        _key_block(*args, BLOCK_N, False, BLOCK_M, BLOCK_TR, BLOCK_DS, BLOCK_DT, EVEN_DS, EVEN_DT,
+                         HAS_MASK, REVERSE, UPCAST, PRECISION, DIRECT, True, ATOMIC)
 
 
 # ------------------------------------------------------------------------------------------------- launchers
