@@ -352,6 +352,23 @@ def kd_overhead_rows(env: dict[str, Any], measured: list[tuple[dict[str, Any], d
             for b, r in measured if r["status"] == "ok" and key(b) in ref and not _no_kd(b["provider"])]
 
 
+def print_summary(measured: list[tuple[dict[str, Any], dict[str, Any]]], overhead_rows: list[dict]) -> None:
+    """The closing table (what the GPU suite's traincompile stage shows): per configuration the median step time with
+    p20-p80 (the run-to-run noise), the KD overhead over the no-KD step at the same settings, host syncs per step."""
+    over = {(r["provider"], r["config"]): float(r["p50"]) for r in overhead_rows}
+    print("\nstep summary (step time p50 [p20-p80] ms; kd_overhead = step time / the no-KD step's - 1)")
+    for b, r in measured:
+        c = b["config"]
+        what = f"{b['provider']} b={c.get('batch')} {c.get('img_size')}px data={c.get('data')}"
+        if r["status"] != "ok":
+            print(f"  {what:<44} compile={c.get('compile')!s:<5} {r['status']}: {r['note'][:80]}")
+            continue
+        t = r["timing"]
+        o = over.get((b["provider"], json.dumps(c, sort_keys=True)))
+        print(f"  {what:<44} compile={c['compile']!s:<5} {t.p50:9.2f} [{t.p20:.2f}-{t.p80:.2f}] ms  "
+              f"kd_overhead {'-' if o is None else f'{o:+.0%}':>6}  host syncs {r['host_syncs']}")
+
+
 def shipped_tiny_recipes() -> list[str]:
     import importlib.resources
 
@@ -363,7 +380,8 @@ def measure_recipe(recipe: str, *, device: torch.device, steps: int, warmup: int
                    workdir: Path, no_kd: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """A shipped recipe's step: its own models and method (built as ``fastkd train`` builds them), synthetic batches
     of its image and batch size on the device; ``no_kd``: the same student, data and optimizer with
-    ``method.name=supervised`` and no teacher. Returns (config, result)."""
+    ``method.name=supervised``, no teacher and one view per image (an SSL recipe's own step sees every view).
+    Returns (config, result)."""
     from fastkd.config import load_config
     from fastkd.config import recipe_path
     from fastkd.engine import builders
@@ -372,8 +390,8 @@ def measure_recipe(recipe: str, *, device: torch.device, steps: int, warmup: int
                                             f"run.device={device.type}", "train.eval=false", "train.progress=false",
                                             f"train.steps={warmup + steps + 2}", f"train.log_every={1 << 20}",
                                             f"train.compile={str(compile).lower()}",
-                                            *(["method.name=supervised", "method.params={}", "teachers=[]"]
-                                              if no_kd else [])])
+                                            *(["method.name=supervised", "method.params={}", "teachers=[]",
+                                               "data.num_views=1"] if no_kd else [])])
     num_classes = cfg.data.num_classes or 10
     batch = cfg.train.batch_size or cfg.data.batch_size
     config = {"method": cfg.method.name, "student": cfg.student.name,
@@ -538,8 +556,10 @@ def main(argv: list[str] | None = None) -> int:
                         measured.append((base, res))
                         failed |= res["status"] == "error"
                         _print(f"{variant} b={batch} {size}px data={data} compile={compiled}", res)
-    rows += kd_overhead_rows(env, measured)
+    over = kd_overhead_rows(env, measured)
+    rows += over
     C.write_rows(csv_path, rows, append=True)
+    print_summary(measured, over)
     print(f"\n{env['device']} / {env['cpu_model']}  torch {env['torch']}  triton {env['triton']}  "
           f"commit {env['commit']}")
     print(f"rows appended to {csv_path}")
@@ -580,15 +600,11 @@ def run_recipes(args, device: torch.device, env: dict[str, Any], csv_path: Path,
             rows += result_rows(env, base, res)
             measured.append((base, res))
             _print(f"{provider} compile={compiled}", res)
-    rows += kd_overhead_rows(env, measured)
+    over = kd_overhead_rows(env, measured)
+    rows += over
     C.write_rows(csv_path, rows, append=True)
+    print_summary(measured, over)
     print(f"\n{env['device']} / {env['cpu_model']}  torch {env['torch']}  commit {env['commit']}")
-    for b, r in measured:
-        if r["status"] == "ok":
-            over = next((x["p50"] for x in rows if x["metric"] == "kd_overhead" and x["provider"] == b["provider"]
-                         and json.loads(x["config"])["compile"] == b["config"]["compile"]), "")
-            print(f"  {b['provider']:>18} compile={b['config']['compile']!s:5} {r['timing'].p50:8.1f} ms  "
-                  f"kd_overhead {over!s:>8}  host syncs {r['host_syncs']}")
     print(f"rows appended to {csv_path}")
     return 0 if all(r["status"] == "ok" for _, r in measured) else 1
 

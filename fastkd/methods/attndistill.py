@@ -141,6 +141,9 @@ class AttnDistill(Method):
         freeze_teachers(self.teachers)
         t = require_vit(self.teachers[0], "teachers[0]", "attndistill")
         s = require_vit(student, "student", "attndistill")
+        if not hasattr(student, "forward_intermediates"):
+            raise TypeError(f"student {type(student).__name__} has no forward_intermediates: attndistill reads the last "
+                            "block's CLS token through it (timm's VisionTransformer family has it)")
         self.w_cls = check_range("w_cls", w_cls, 0.0, float("inf"))
         self.w_attn = check_range("w_attn", w_attn, 0.0, float("inf"))
         self.t_agg = check_range("t_agg", t_agg, 0.0, float("inf"), lo_open=True)
@@ -196,15 +199,18 @@ class AttnDistill(Method):
         return cache[key]
 
     def _student_forward(self, images: torch.Tensor):
-        store = {}
-        hook = self.student.blocks[-1].register_forward_hook(lambda m, i, o: store.__setitem__("x", o))
-        try:
-            with AttentionTaps(self.student, blocks=[-1], record=self._record) as taps:
-                self.student.forward_features(images)
-                rec = taps[-1]
-        finally:
-            hook.remove()
-        return store["x"], rec
+        with AttentionTaps(self.student, blocks=[-1], record=self._record) as taps:
+            prefix = self._last_prefix(images)
+            rec = taps[-1]
+        return prefix, rec
+
+    def _last_prefix(self, images: torch.Tensor) -> torch.Tensor:
+        """The prefix tokens (CLS first) after the student's last block, before its final norm: timm's
+        ``forward_intermediates`` instead of a forward hook registered per step, which ``torch.compile`` cannot trace
+        (a compiled step stays one graph)."""
+        ((_, prefix),) = self.student.forward_intermediates(images, indices=1, output_fmt="NLC",
+                                                            intermediates_only=True, return_prefix_tokens=True)
+        return prefix
 
     def _teacher_forward(self, images: torch.Tensor):
         with torch.no_grad(), AttentionTaps(self.teachers[0], blocks=[-1], record=self._record) as taps:
@@ -213,7 +219,8 @@ class AttnDistill(Method):
         return c_t.float(), rec
 
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``ĉ_S``: the CLS token of the last block's output through the projector (per-token ops: CLS only)."""
+        """``ĉ_S``: the CLS token (``tokens[:, 0]``) of the last block's output through the projector (per-token ops:
+        CLS only)."""
         return self.projector(tokens[:, 0])
 
     def attention_loss(self, q_s, k_s, scale_s, q_t, k_t, scale_t, lse_s=None, lse_t=None) -> torch.Tensor:
@@ -283,9 +290,9 @@ class AttnDistill(Method):
     # ---- Method API ------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         images = images_of(batch, "attndistill")
-        tokens, rec_s = self._student_forward(images)
+        prefix, rec_s = self._student_forward(images)
         c_t, rec_t = self._teacher_forward(images)
-        c_s = self.project(tokens)
+        c_s = self.project(prefix)
         if c_s.shape != c_t.shape:
             raise ValueError(f"projected student CLS {tuple(c_s.shape)} != teacher CLS {tuple(c_t.shape)}")
         mse = F.mse_loss(c_s.float(), c_t)
@@ -295,13 +302,7 @@ class AttnDistill(Method):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         if self.eval_feature == "backbone":
             return self.student.forward_features(images)[:, 0]
-        store = {}
-        hook = self.student.blocks[-1].register_forward_hook(lambda m, i, o: store.__setitem__("x", o))
-        try:
-            self.student.forward_features(images)
-        finally:
-            hook.remove()
-        return self.project(store["x"])
+        return self.project(self._last_prefix(images))
 
     def extra_repr(self) -> str:
         return (

@@ -257,6 +257,9 @@ class _ViTStudent:
     """timm ViT/DeiT student: s3 = patch tokens after block ``s3_block``, s4 = final tokens (``forward_features``)."""
 
     def __init__(self, model: nn.Module, s3_block: int | None):
+        if not hasattr(model, "forward_intermediates"):
+            raise TypeError(f"student {type(model).__name__} has no forward_intermediates: scalekd reads block s3's "
+                            "tokens through it (timm's VisionTransformer family has it)")
         depth = len(model.blocks)
         self.s3_block = max(0, (3 * depth) // 4 - 1) if s3_block is None else int(s3_block)
         if not 0 <= self.s3_block < depth:
@@ -267,16 +270,13 @@ class _ViTStudent:
         self.s3_hw = self.s4_hw = self.hw
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        store = {}
-        handle = model.blocks[self.s3_block].register_forward_hook(lambda m, i, o: store.__setitem__("s3", o))
-        try:
-            feats = model.forward_features(x)
-        finally:
-            handle.remove()
+        # timm's forward_intermediates (= forward_features, plus block s3's patch tokens), not a forward hook
+        # registered per step: torch.compile traces it in one graph
+        feats, (s3,) = model.forward_intermediates(x, indices=[self.s3_block], output_fmt="NLC")
         logits = model.forward_head(feats)
         if isinstance(logits, tuple):  # distilled DeiT in distilled-training mode: average the two heads
             logits = (logits[0] + logits[1]) / 2
-        return _tokens_to_grid(store["s3"], self.prefix, self.hw), _tokens_to_grid(feats, self.prefix, self.hw), logits
+        return _tokens_to_grid(s3, 0, self.hw), _tokens_to_grid(feats, self.prefix, self.hw), logits
 
 
 class _CNNStudent:

@@ -312,21 +312,22 @@ class SDSSL(Method):
         return self.momentum_final - (self.momentum_final - self.momentum_base) * (1 + math.cos(math.pi * t)) / 2
 
     @torch.no_grad()
-    def ema_update(self, m: float) -> None:
-        """``θ_T ← m·θ_T + (1 − m)·θ`` for the target backbone (from the student) and projector (from ``g_L``)."""
+    def ema_update(self, m: float | torch.Tensor) -> None:
+        """``θ_T ← m·θ_T + (1 − m)·θ`` for the target backbone (from the student) and projector (from ``g_L``).
+        ``m``: a number or a 0-d tensor (the ``momentum`` buffer, not read back to the host)."""
         if self.target_backbone is None:
             return
         pairs = [(self.target_backbone, self.student), (self.target_projector, self.projectors[-1])]
         for target, online in pairs:
             t_params = list(target.parameters())
-            o_params = list(online.parameters())
+            o_params = [p.detach() for p in online.parameters()]
             torch._foreach_mul_(t_params, m)
-            torch._foreach_add_(t_params, [p.detach() for p in o_params], alpha=1 - m)
+            torch._foreach_add_(t_params, torch._foreach_mul(o_params, 1 - m))
 
     def on_step_end(self, step: int, total_steps: int) -> None:
         """After optimizer step ``step`` (the number of steps done, 1 after the first) of ``total_steps``: EMA
         update with ``m(step−1)``, then ``λ`` and ``m`` for the next step."""
-        self.ema_update(float(self.momentum))
+        self.ema_update(self.momentum)  # on the device: no host read per step
         self.lam.fill_(self.lambda_at(step, total_steps))
         self.momentum.fill_(self.momentum_at(step, total_steps))
 

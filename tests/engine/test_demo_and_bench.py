@@ -70,3 +70,25 @@ def test_train_step_benchmark_with_loader(tmp_path):
     rows = {r["metric"]: r for r in C.read_rows(next(tmp_path.glob("train_step_*.csv")))}
     assert rows["step_time"]["status"] == "ok" and rows["step_time"]["cfg"]["data"] == "loader"
     assert 0.0 <= float(rows["data_wait_frac"]["p50"]) <= 1.0
+
+
+def test_train_step_benchmark_recipes_reports_kd_overhead(tmp_path, capsys):
+    """``--recipes``: each recipe beside its no-KD step (the same student, supervised, no teacher, one view), the
+    KD overhead between the two medians, host syncs, and the closing summary the GPU suite prints."""
+    bench = _bench()
+    import _common as C
+
+    recipes = ["hinton_tiny", "sdssl_tiny"]  # a teacher; two views and no teacher
+    rc = bench.main(["--recipes", *recipes, "--steps", "2", "--warmup", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    by = {(r["provider"], r["metric"]): r for r in C.read_rows(tmp_path / "train_step_recipes_cpu.csv")}
+    summary = capsys.readouterr().out.split("step summary", 1)[1].splitlines()
+    for recipe in recipes:
+        kd, base = by[(recipe, "step_time")], by[(f"{recipe}:no_kd", "step_time")]
+        assert kd["status"] == base["status"] == "ok"
+        assert base["cfg"]["method"] == "supervised" and base["cfg"]["teacher"] == "none"
+        assert kd["cfg"]["method"] == recipe[: -len("_tiny")]
+        over = float(by[(recipe, "kd_overhead")]["p50"])
+        assert over == pytest.approx(float(kd["p50"]) / float(base["p50"]) - 1, rel=1e-3, abs=1e-3)
+        assert float(by[(recipe, "host_syncs")]["p50"]) == 0 == float(by[(f"{recipe}:no_kd", "host_syncs")]["p50"])
+        assert f"{over:+.0%}" in next(line for line in summary if line.strip().startswith(f"{recipe} "))

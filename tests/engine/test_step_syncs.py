@@ -24,11 +24,26 @@ def test_counter_sees_each_kind_of_sync():
     assert c.calls == []
 
 
+class _ViewsLoader(MemoryLoader):
+    """MemoryLoader's batches as ``views`` views of each image (every other one flipped), as the multi-view (SSL)
+    recipes' loaders give them."""
+
+    def __init__(self, views: int, **kw):
+        super().__init__(**kw)
+        self.views = views
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            x = batch["images"]
+            yield {**batch, "images": [x.flip(-1) if v % 2 else x for v in range(self.views)]}
+
+
 def _trainer(tmp_path, recipe: str, *extra: str) -> Trainer:
     cfg = load_config(recipe_path(recipe), [f"run.output_dir={tmp_path}", f"run.name={recipe}", "run.device=cpu",
                                             "train.steps=12", "train.log_every=4", "train.eval=false",
                                             "train.clip_grad=1.0", "train.progress=false", *extra])
-    loader = MemoryLoader(n=64, batch_size=4, num_classes=cfg.data.num_classes or 4, size=cfg.data.img_size)
+    kw = dict(n=64, batch_size=4, num_classes=cfg.data.num_classes or 4, size=cfg.data.img_size)
+    loader = _ViewsLoader(cfg.data.num_views, **kw) if cfg.data.num_views > 1 else MemoryLoader(**kw)
     return Trainer(cfg, train_loader=loader, console=False)
 
 
@@ -43,9 +58,8 @@ def _syncs_per_step(tr: Trainer, steps: int = 4) -> list[list[str]]:
     return per_step  # steps 2, 3, 4, 5: step 4 is a logging step (log_every=4)
 
 
-# every tiny recipe with single-view batches (sdssl_tiny needs two views, which MemoryLoader does not make)
 @pytest.mark.parametrize("recipe", ["hinton_tiny", "supervised_tiny", "deit_tiny", "scalekd_tiny", "coadvise_tiny",
-                                    "ssta_tiny", "attndistill_tiny"])
+                                    "ssta_tiny", "attndistill_tiny", "sdssl_tiny"])
 def test_steady_state_step_has_no_host_sync_outside_logging_steps(tmp_path, recipe):
     tr = _trainer(tmp_path, recipe)
     assert tr.placement.device_skip  # fused AdamW: non-finite steps are skipped on the device
