@@ -84,7 +84,27 @@ class DataConfig:
             per rank), so an epoch sees about ``N / repeats`` distinct images. 1 turns it off.
         num_views: 1 for supervised training. >1 turns on the multi-view (SSL) mode:
             ``batch["images"]`` becomes a list of ``num_views`` tensors, each an independent
-            random-resized-crop / flip / RandAugment of the same images. Mixup/CutMix must be off.
+            random-resized-crop / flip / RandAugment / view augmentation of the same images. Mixup/CutMix
+            must be off.
+
+    Self-supervised view augmentation (training split; BYOL / MoCo-v3 style, after the crop and flip, in
+    this order: colour jitter, grayscale, Gaussian blur, solarize). The fields ``gaussian_blur`` and
+    ``solarize`` hold one probability for every view or one per view (BYOL's asymmetric views:
+    ``gaussian_blur=(1.0, 0.1)``, ``solarize=(0.0, 0.2)``). torch backend: torchvision's own
+    ``ColorJitter``, ``RandomGrayscale``, ``GaussianBlur`` and ``RandomSolarize``; DALI: the same draws fed
+    to ``brightness``, contrast (PIL's grey-mean centre, ``auto_aug``), ``saturation``, ``hue``,
+    ``color_space_conversion`` and ``gaussian_blur`` operators.
+        color_jitter: torchvision ``ColorJitter(brightness, contrast, saturation, hue)`` strengths: factors
+            uniform in ``[max(0, 1 - x), 1 + x]``, hue shift uniform in ``[-x, x]`` turns (x <= 0.5), the
+            four operations in a random order; all 0 turns it off. DALI's ``hue`` rotates the chroma in YIQ
+            space by ``360 * shift`` degrees where PIL shifts the HSV hue (the one difference left).
+        color_jitter_p: Probability that a view is colour-jittered at all (BYOL: 0.8).
+        grayscale: Probability of converting a view to grey (ITU-R 601 luma, kept as 3 channels; BYOL: 0.2).
+        gaussian_blur: Probability of a Gaussian blur, per view; the kernel is a true Gaussian of
+            ``2 * ceil(3 * blur_sigma[1]) + 1`` taps with mirrored borders (the official SimCLR/BYOL code uses
+            PIL's box-filter approximation of the same Gaussian).
+        blur_sigma: (min, max) of the blur's standard deviation in pixels, drawn uniformly (BYOL: 0.1-2.0).
+        solarize: Probability of PIL's ``solarize`` at threshold 128 (values >= 128 inverted), per view.
 
     Decoding (both splits)
         max_image_pixels: Largest image (width x height) either backend decodes; a larger one is
@@ -160,6 +180,12 @@ class DataConfig:
     repeated_augmentation: int = 1
     max_image_pixels: int = 2**28
     num_views: int = 1
+    color_jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    color_jitter_p: float = 1.0
+    grayscale: float = 0.0
+    gaussian_blur: tuple[float, ...] = (0.0,)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize: tuple[float, ...] = (0.0,)
     crop_pct: float = 0.875
     mixup: float = 0.0
     cutmix: float = 0.0
@@ -196,7 +222,9 @@ class DataConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"DataConfig: unknown field(s) {unknown}; valid fields: {sorted(known)}")
-        for key in ("scale", "ratio", "mean", "std"):
+        for key in ("scale", "ratio", "mean", "std", "color_jitter", "gaussian_blur", "blur_sigma", "solarize"):
+            if key in values and isinstance(values[key], (int, float)) and key in ("gaussian_blur", "solarize"):
+                values[key] = (values[key],)  # one probability for every view
             if key in values and values[key] is not None and not isinstance(values[key], (str, bytes)):
                 values[key] = tuple(float(v) for v in values[key])
         out = cls(**values)
@@ -243,7 +271,7 @@ class DataConfig:
         if len(self.ratio) != 2 or not 0.0 < self.ratio[0] <= self.ratio[1]:
             bad("ratio", "must be (min, max) with 0 < min <= max")
         probabilities = ("hflip", "random_erasing", "mixup_prob", "mixup_switch_prob", "label_smoothing",
-                         "hw_decoder_load")
+                         "hw_decoder_load", "color_jitter_p", "grayscale")
         for name in probabilities:
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 bad(name, "must lie in [0, 1]")
@@ -255,6 +283,14 @@ class DataConfig:
                 bad(name, "must have 3 values (R, G, B)")
         if min(self.std) <= 0:
             bad("std", "every value must be > 0")
+        if len(self.color_jitter) != 4 or min(self.color_jitter) < 0 or self.color_jitter[3] > 0.5:
+            bad("color_jitter", "must be (brightness, contrast, saturation, hue) strengths >= 0, hue <= 0.5")
+        for name in ("gaussian_blur", "solarize"):
+            probs = getattr(self, name)
+            if len(probs) not in (1, self.num_views) or not all(0.0 <= p <= 1.0 for p in probs):
+                bad(name, f"must be one probability in [0, 1] or one per view (num_views={self.num_views})")
+        if len(self.blur_sigma) != 2 or not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            bad("blur_sigma", "must be (min, max) with 0 < min <= max")
         if self.num_views > 1 and self.mixing:
             bad("num_views", "multi-view (SSL) mode cannot be combined with mixup/cutmix; set both to 0")
 
@@ -262,6 +298,18 @@ class DataConfig:
     def mixing(self) -> bool:
         """True when Mixup or CutMix is on (the batches then carry soft ``targets``)."""
         return self.mixup > 0 or self.cutmix > 0
+
+    def view_probability(self, name: str, view: int) -> float:
+        """``gaussian_blur`` or ``solarize`` probability of view ``view`` (one value serves every view)."""
+        probs = getattr(self, name)
+        return float(probs[view if len(probs) > 1 else 0])
+
+    @property
+    def blur_kernel_size(self) -> int:
+        """Taps of the Gaussian blur kernel: ``2 * ceil(3 * blur_sigma[1]) + 1`` (covers +-3 sigma at most)."""
+        import math
+
+        return 2 * math.ceil(3 * self.blur_sigma[1]) + 1
 
     def batch_size_for(self, split: str) -> int:
         return (self.val_batch_size or self.batch_size) if split == "val" else self.batch_size

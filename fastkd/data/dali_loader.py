@@ -3,7 +3,8 @@
 Graph (training): encoded bytes -> decode fused with the random-resized-crop (``decoders.image_slice``:
 only the crop window is decoded; "mixed" = nvJPEG on the GPU) -> resize to ``img_size`` -> optional
 RandAugment (timm's ``rand-m9-mstd0.5-inc1`` policy built from ``nvidia.dali.auto_aug`` blocks) -> flip + normalise +
-HWC->CHW + cast (``crop_mirror_normalize``). Multi-view mode decodes once and cuts ``num_views``
+HWC->CHW + cast (``crop_mirror_normalize``), with the self-supervised view augmentation (colour jitter,
+grayscale, blur, solarize) before the last step. Multi-view mode decodes once and cuts ``num_views``
 windows. Validation: decode -> resize shorter side -> centre crop + normalise. Without a GPU the
 identical graph runs with CPU operators (``device_id=None``).
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import weakref
 from typing import Any
 
@@ -37,14 +39,22 @@ import torch
 
 from fastkd.data.config import DataConfig
 from fastkd.data.loader import BaseLoader
+from fastkd.data.transforms import SOLARIZE_THRESHOLD
 from fastkd.data.transforms import open_image
 from fastkd.data.transforms import random_resized_crop_box
 
 
 def view_input_count(cfg: DataConfig) -> int:
-    """Inputs per view of the training graph: crop anchor (x, y), crop size (w, h), mirror flag, and
-    with RandAugment its draws (3 * randaugment values, see :func:`draw_rand_augment`)."""
-    return 4 if cfg.randaugment > 0 else 3
+    """Inputs per view of the training graph: crop anchor (x, y), crop size (w, h), mirror flag, with
+    RandAugment its draws (3 * randaugment values, see :func:`draw_rand_augment`), and with the
+    self-supervised view augmentation its draws (see :func:`draw_view_colour`)."""
+    return 3 + (cfg.randaugment > 0) + view_colour_on(cfg)
+
+
+def view_colour_on(cfg: DataConfig) -> bool:
+    """Whether any self-supervised view augmentation (colour jitter, grayscale, blur, solarize) is on."""
+    jitter = any(cfg.color_jitter) and cfg.color_jitter_p > 0
+    return bool(jitter or cfg.grayscale > 0 or max(cfg.gaussian_blur) > 0 or max(cfg.solarize) > 0)
 
 
 def _dali():
@@ -98,7 +108,7 @@ def build_pipeline(
         decoder_kw.update(device_memory_padding=211025920, host_memory_padding=140544512)
         decoder_kw["hw_decoder_load"] = cfg.hw_decoder_load
 
-    @pipeline_def(enable_conditionals=train and cfg.randaugment > 0)
+    @pipeline_def(enable_conditionals=train and (cfg.randaugment > 0 or view_colour_on(cfg)))
     def graph():
         if not train:
             encoded = fn.external_source(source=source_fn, batch=True, dtype=types.UINT8, ndim=1, name="encoded")
@@ -116,8 +126,9 @@ def build_pipeline(
             )
         per_view = view_input_count(cfg)
         n_in = 1 + per_view * num_views
+        view_dtypes = [types.INT32] * (per_view - 1) + [types.FLOAT if view_colour_on(cfg) else types.INT32]
         encoded, *params = fn.external_source(
-            source=source_fn, batch=True, num_outputs=n_in, dtype=[types.UINT8] + [types.INT32] * (n_in - 1)
+            source=source_fn, batch=True, num_outputs=n_in, dtype=[types.UINT8] + view_dtypes * num_views
         )
         slice_kw = dict(axis_names="WH")
         if num_views == 1:
@@ -134,6 +145,8 @@ def build_pipeline(
             view = fn.resize(window, resize_x=size, resize_y=size, interp_type=interp, antialias=True)
             if cfg.randaugment > 0:
                 view = _rand_augment(view, params[per_view * v + 3], cfg)
+            if view_colour_on(cfg):
+                view = _view_colour(view, params[per_view * v + per_view - 1], cfg, v)
             outs.append(
                 fn.crop_mirror_normalize(
                     view, mirror=params[per_view * v + 2], mean=mean, std=std, dtype=out_dtype, output_layout="CHW"
@@ -230,7 +243,23 @@ def rand_augment_suite(cfg: DataConfig):
             mag_range=(0, 10), randomly_negate=True, mag_to_param=lambda m: [0, 0.45 * level(m) * size]
         ),
     ]
-    return ops + [a.identity]
+    cls = _numpy_param_augmentation()
+    return [op.augmentation(augmentation_cls=cls) for op in ops] + [a.identity]
+
+
+@functools.cache
+def _numpy_param_augmentation():
+    """``auto_aug``'s Augmentation whose parameter tables (plain NumPy: ``mag_to_param`` over every magnitude bin)
+    are computed without DALI's AutoGraph, which the conditionals switch on for the whole graph: converting
+    those thousands of NumPy calls made each RandAugment pipeline build take about four times longer."""
+    from nvidia.dali.auto_aug.core._augmentation import Augmentation
+    from nvidia.dali.pipeline import do_not_convert
+
+    class NumpyParamAugmentation(Augmentation):
+        _map_mag_to_param = do_not_convert(Augmentation._map_mag_to_param)
+        _map_mags_to_params = do_not_convert(Augmentation._map_mags_to_params)
+
+    return NumpyParamAugmentation
 
 
 def draw_rand_augment(rng: np.random.Generator, cfg: DataConfig, num_ops: int) -> np.ndarray:
@@ -266,6 +295,64 @@ def _rand_augment(view, ra, cfg: DataConfig):
             suite, ra[k], data=view, magnitude_bin=magnitude, num_magnitude_bins=RA_BINS, fill_value=fill,
             interp_type=types.INTERP_LINEAR,
         )
+    return view
+
+
+# the draws of one view's self-supervised augmentation, in the order of the float32 vector fed to the graph
+VIEW_COLOUR_FIELDS = ("jitter", "order0", "order1", "order2", "order3", "brightness", "contrast", "saturation",
+                      "hue", "grayscale", "blur_sigma", "solarize")
+
+
+def draw_view_colour(rng: np.random.Generator, cfg: DataConfig, view: int) -> np.ndarray:
+    """One view's self-supervised augmentation draws, as torchvision's transforms make them (see
+    :data:`VIEW_COLOUR_FIELDS`): whether the colour jitter applies (``color_jitter_p``), the order of its four
+    operations (a permutation), brightness / contrast / saturation factors uniform in ``[max(0, 1 - x), 1 + x]``,
+    the hue shift uniform in ``[-x, x]`` turns (identity values where a strength is 0), grayscale (0/1), the
+    blur sigma (0 = no blur) and solarize (0/1). Every value is drawn whether it is used or not, so the stream
+    of draws does not depend on earlier outcomes."""
+    b, c, s, h = cfg.color_jitter
+    jitter = any(cfg.color_jitter) and rng.random() < cfg.color_jitter_p
+    order = rng.permutation(4)
+    factors = [rng.uniform(max(0.0, 1 - x), 1 + x) if x > 0 else 1.0 for x in (b, c, s)]
+    hue = rng.uniform(-h, h) if h > 0 else 0.0
+    gray = rng.random() < cfg.grayscale
+    blur = rng.random() < cfg.view_probability("gaussian_blur", view)
+    sigma = rng.uniform(*cfg.blur_sigma)
+    solarize = rng.random() < cfg.view_probability("solarize", view)
+    return np.array([jitter, *order, *factors, hue, gray, sigma if blur else 0.0, solarize], dtype=np.float32)
+
+
+def _view_colour(view, draws, cfg: DataConfig, index: int):
+    """The self-supervised view augmentation of view ``index`` on a DALI batch of uint8 HWC images, with every
+    choice read from ``draws`` (see :func:`draw_view_colour`): colour jitter (its four operations in the drawn
+    order; contrast blends with the grey mean as PIL does: ``auto_aug``'s ``contrast``), grayscale, Gaussian
+    blur, solarize at 128. DALI's ``hue`` rotates the chroma in YIQ space (PIL shifts the HSV hue)."""
+    from nvidia.dali import fn
+    from nvidia.dali import types
+    from nvidia.dali.auto_aug import augmentations as a
+
+    if any(cfg.color_jitter) and cfg.color_jitter_p > 0:
+        if draws[0] > 0.5:
+            for k in range(4):
+                op = draws[1 + k]
+                if op < 0.5:
+                    view = fn.brightness(view, brightness=draws[5])
+                elif op < 1.5:
+                    view = a.contrast.op(view, draws[6])
+                elif op < 2.5:
+                    view = fn.saturation(view, saturation=draws[7])
+                else:
+                    view = fn.hue(view, hue=draws[8] * 360.0)
+    if cfg.grayscale > 0:
+        if draws[9] > 0.5:
+            gray = fn.color_space_conversion(view, image_type=types.RGB, output_type=types.GRAY)
+            view = fn.cat(gray, gray, gray, axis=2)
+    if cfg.view_probability("gaussian_blur", index) > 0:
+        if draws[10] > 0:
+            view = fn.gaussian_blur(view, sigma=draws[10], window_size=cfg.blur_kernel_size)
+    if cfg.view_probability("solarize", index) > 0:
+        if draws[11] > 0.5:
+            view = a.solarize.op(view, types.Constant(SOLARIZE_THRESHOLD, dtype=types.UINT8))
     return view
 
 
@@ -370,10 +457,10 @@ class DaliLoader(BaseLoader):
         return index, is_pad, data, self.view_inputs(np.random.default_rng(seed), height, width), seed
 
     def view_inputs(self, rng: np.random.Generator, height: int, width: int) -> list[np.ndarray]:
-        """The random choices of one sample, per view: crop anchor, crop size, mirror, RandAugment."""
+        """The random choices of one sample, per view: crop anchor, crop size, mirror, RandAugment, view colour."""
         cfg = self.cfg
         out = []
-        for _ in range(self.num_views):
+        for v in range(self.num_views):
             left, top, w, h = random_resized_crop_box(rng, height, width, cfg.scale, cfg.ratio)
             mirror = rng.random() < cfg.hflip
             out += [
@@ -383,6 +470,8 @@ class DaliLoader(BaseLoader):
             ]
             if cfg.randaugment > 0:
                 out.append(draw_rand_augment(rng, cfg, self._num_ops))
+            if view_colour_on(cfg):
+                out.append(draw_view_colour(rng, cfg, v))
         return out
 
     def _replacement(self, index: int) -> tuple[int, bytes] | None:

@@ -39,7 +39,10 @@ class _Dataset(torch.utils.data.Dataset):
         self.max_pixels = loader.cfg.max_image_pixels
         self.num_views = loader.num_views
         self.train = loader.train
-        self.transform = TrainTransform(loader.cfg) if loader.train else ValTransform(loader.cfg)
+        if loader.train:  # one transform per view (the views may differ: BYOL's asymmetric blur and solarize)
+            self.transforms = [TrainTransform(loader.cfg, v) for v in range(self.num_views)]
+        else:
+            self.transforms = [ValTransform(loader.cfg)]
 
     def __len__(self) -> int:
         return len(self.source)
@@ -55,9 +58,9 @@ class _Dataset(torch.utils.data.Dataset):
 
     def augment(self, img: Image.Image, seed: int) -> list[torch.Tensor]:
         if not self.train:
-            return [self.transform(img)]
+            return [self.transforms[0](img)]
         with seeded(seed):
-            return [self.transform(img) for _ in range(self.num_views)]
+            return [transform(img) for transform in self.transforms]
 
     def __getitem__(self, item: tuple[int, bool, int], force_replace: bool = False) -> dict[str, Any]:
         with pil_size_limit_lifted():  # DataConfig.max_image_pixels applies instead (see decode)

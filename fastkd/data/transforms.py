@@ -22,6 +22,7 @@ from PIL import ImageOps
 
 from fastkd.data.config import DataConfig
 
+SOLARIZE_THRESHOLD = 128  # PIL's default: values >= 128 are inverted (BYOL's solarize)
 _PIL_INTERP = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
@@ -146,9 +147,11 @@ class ValTransform:
 
 class TrainTransform:
     """Random-resized-crop, horizontal flip, optional RandAugment (timm's own transform, as timm's
-    ``create_transform`` builds it); uint8 CHW tensor out. Run it inside :func:`seeded`."""
+    ``create_transform`` builds it), then the self-supervised view augmentation of view ``view``
+    (torchvision's colour jitter, grayscale, Gaussian blur and solarize, see :class:`DataConfig`);
+    uint8 CHW tensor out. Run it inside :func:`seeded`."""
 
-    def __init__(self, cfg: DataConfig) -> None:
+    def __init__(self, cfg: DataConfig, view: int = 0) -> None:
         from torchvision import transforms as T
         from torchvision.transforms import InterpolationMode
 
@@ -162,6 +165,17 @@ class TrainTransform:
             from timm.data.auto_augment import rand_augment_transform
 
             steps.append(rand_augment_transform(timm_rand_augment_config(cfg), timm_rand_augment_hparams(cfg)))
+        # the colour operations and the symmetric blur commute with the flip: after it, as in the DALI graph
+        if any(cfg.color_jitter) and cfg.color_jitter_p > 0:
+            steps.append(T.RandomApply([T.ColorJitter(*cfg.color_jitter)], p=cfg.color_jitter_p))
+        if cfg.grayscale > 0:
+            steps.append(T.RandomGrayscale(cfg.grayscale))
+        blur = cfg.view_probability("gaussian_blur", view)
+        if blur > 0:
+            steps.append(T.RandomApply([T.GaussianBlur(cfg.blur_kernel_size, sigma=tuple(cfg.blur_sigma))], p=blur))
+        solarize = cfg.view_probability("solarize", view)
+        if solarize > 0:
+            steps.append(T.RandomSolarize(SOLARIZE_THRESHOLD, p=solarize))
         self.transform = T.Compose(steps)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:

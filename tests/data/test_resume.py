@@ -1,5 +1,5 @@
 """Exact resume: after a resume the loader hands out, bit for bit, the batches an uninterrupted run
-would have, with random crops, flips, RandAugment, Mixup/CutMix or several views on, and whatever the
+would have, with random crops, flips, RandAugment, Mixup/CutMix or several (BYOL-augmented) views on, and whatever the
 number of torch workers or DALI threads."""
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ TOTAL = 14
 
 VARIANTS = {
     "randaugment+mixup": dict(randaugment=2, randaugment_magnitude=9, mixup=0.8, cutmix=1.0, mixup_switch_prob=0.5),
-    "randaugment+views": dict(randaugment=1, randaugment_magnitude=9, num_views=2),
+    # two views with SDSSL's asymmetric BYOL augmentation (RandAugment's draws are resumed in the variant above;
+    # a DALI RandAugment graph takes ~20 s to build, and this test builds nine)
+    "byol-views": dict(num_views=2, color_jitter=(0.4, 0.4, 0.2, 0.1), color_jitter_p=0.8, grayscale=0.2,
+                       gaussian_blur=(1.0, 0.1), solarize=(0.0, 0.2)),
     "erasing+repeats+mixup": dict(random_erasing=0.5, repeated_augmentation=3, mixup=0.8, cutmix=1.0),
 }
 
