@@ -232,3 +232,20 @@ def test_resume_of_an_fp16_run_needs_its_scaler_state(tmp_path):
     torch.save(state, path)
     with pytest.raises(CheckpointError, match="run.resume=.*last.pt: holds no fp16 loss scale"):
         _trainer(tmp_path, "hinton_tiny", "run.resume=auto")
+
+
+def test_optimizer_without_fused_kernel_skips_through_the_scaler(tmp_path):
+    """LAMB has no fused kernel: ``GradScaler.step`` reads its found_inf and skips (timm NativeScaler's way)."""
+    tr = _trainer(tmp_path, "hinton_tiny", "optim.name=lamb")
+    assert not tr.placement.device_skip
+    batches = iter(tr.train_loader)
+    tr.train_step(batches)
+    before = _state(tr)
+    hook = _inject_inf(tr, lambda: True)
+    tr.train_step(batches)  # checks the loss every step (finite), the scaler skips the update
+    hook.remove()
+    for p, q in zip(_state(tr)[0], before[0]):
+        assert torch.equal(p, q)
+    assert tr.placement.scaler.get_scale() == 2.0**15
+    tr.train_step(batches)
+    assert not all(torch.equal(p.detach(), q) for p, q in zip(tr.method.parameters(), before[0]))
