@@ -149,9 +149,6 @@ class DeepSpeedStudent:
         grad_norm = self.engine.get_global_grad_norm()
         return torch.as_tensor(grad_norm, dtype=torch.float32) if grad_norm is not None else None
 
-    def loss_scale(self) -> None:
-        return None
-
     def discard_gradients(self) -> None:
         """Nothing to do: the trainer stops before DeepSpeed's next step."""
 

@@ -1,7 +1,6 @@
 """The training loop: one optimizer step = ``train.accum_steps`` micro-batches through ``method(batch)``.
 
-Per step: bf16 autocast on CUDA (fp32 on CPU unless ``train.amp`` says otherwise; ``fp16`` adds a dynamic loss
-scale), the method's forward
+Per step: bf16 autocast on CUDA (fp32 on CPU unless ``train.amp`` says otherwise), the method's forward
 (``torch.compile``-d with ``train.compile``: student, teachers with their taps and the loss), backward, gradient
 clipping, optimizer step (torch, DDP, or a DeepSpeed engine: :mod:`fastkd.engine.placement`), per-step LR
 schedule (timm), the method's EMA of the student (``method.update_ema``), ``method.on_step_end``. The method
@@ -15,7 +14,7 @@ the device), which then save a checkpoint (no non-finite update was applied) and
 :class:`NonFiniteLossError` naming the loss part and the step. With ``train.amp=fp16`` non-finite *gradients*
 are the loss scaler's business (an overflow of the scaled fp16 backward): the step is skipped on the device, the
 scale halved, and training goes on; logging steps report those skipped steps and the scale. A non-finite loss
-still stops the run, as DeiT's and AttnDistill's loops do.
+still stops the run, as DeiT's loop does (AttnDistill's drops that batch and goes on).
 
 Logging: a tqdm bar with loss and img/s; JSONL records every ``train.log_every`` steps (loss parts, lr, img/s,
 step time, data-wait fraction, peak memory); TensorBoard when installed; a summary table at the end.
