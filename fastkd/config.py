@@ -167,7 +167,9 @@ class TrainConfig:
     ema_decay: float = 0.9998
     drop_path: float = 0.0  # stochastic depth of the student
     label_smoothing: float = 0.0
-    amp: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    # auto: bf16 autocast on CUDA, fp32 on CPU; fp16: fp16 autocast and a dynamic loss scale (torch.amp.GradScaler:
+    # 2^16 at start, x0.5 and the step skipped on an overflow, x2 after 2000 steps without one), as DeiT's NativeScaler
+    amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     log_every: int = 10  # steps between JSONL records
     ckpt_every: int = 0  # steps between checkpoints (0: at the end of each epoch only)
     keep_ckpts: int = 2  # step checkpoints kept besides last.pt
@@ -499,6 +501,9 @@ def check(cfg: Config) -> None:
     need(cfg.schedule.warmup_steps is None or cfg.schedule.warmup_steps >= 0, "schedule.warmup_steps",
          cfg.schedule.warmup_steps, "an integer >= 0, or null")
     need(d.timeout > 0, "distributed.timeout", d.timeout, "seconds > 0")
+    need(not (t.amp == "fp16" and d.student == "deepspeed"), "train.amp", t.amp,
+         "bf16 or fp32 with distributed.student=deepspeed (fastkd's fp16 loss scaler drives torch optimizers; it is "
+         "not mapped to DeepSpeed's fp16 section), or distributed.student=ddp for fp16")
 
 
 def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | tuple = ()) -> Config:

@@ -168,11 +168,28 @@ def build_method(cfg: Config, student: nn.Module, teachers: list[nn.Module]):
 
 
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype ``train.amp`` asks for (``auto``: bf16 on CUDA, none on CPU); None means fp32."""
+    """The autocast dtype ``train.amp`` asks for (``auto``: bf16 on CUDA, none on CPU); None means fp32. fp16 on a
+    device whose autocast has no fp16 (CPU autocast before torch 2.2 had only bf16) is a :class:`ConfigError`."""
     amp = cfg.train.amp
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" else "fp32"
-    return {"bf16": torch.bfloat16, "fp32": None}[amp]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
+    if dtype is torch.float16 and not _autocasts_to(device, dtype):
+        raise ConfigError(f"train.amp=fp16: torch {torch.__version__} has no fp16 autocast on {device.type}; use "
+                          "train.amp=bf16 or train.amp=fp32 there")
+    return dtype
+
+
+def _autocasts_to(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.autocast(device.type, dtype)`` really runs in ``dtype`` (older torch warns and disables it)."""
+    import warnings
+
+    if not torch.amp.is_autocast_available(device.type):
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.autocast(device_type=device.type, dtype=dtype):
+            return torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == dtype
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -180,6 +197,16 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler | None:
+    """fp16's dynamic loss scale (torch's and timm's ``NativeScaler`` defaults: 2^16 at start, halved on a step with
+    non-finite gradients, which is skipped, doubled after 2000 steps without one); None for bf16 and fp32, whose
+    range needs no scaling."""
+    if dtype is not torch.float16:
+        return None
+    return torch.amp.GradScaler(device.type, init_scale=2.0**16, growth_factor=2.0, backoff_factor=0.5,
+                                growth_interval=2000)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -315,6 +342,7 @@ __all__ = [
     "build_teachers",
     "data_config",
     "EpochStepped",
+    "grad_scaler",
     "knn_bank_loader",
     "scaled_lr",
     "student_stats",

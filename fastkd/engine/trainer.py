@@ -11,7 +11,10 @@ No host synchronisation in a steady-state step: the loss parts, the gradient nor
 the device. A step whose loss or gradient norm is NaN/Inf is skipped on the device (the fused optimizer's
 ``found_inf``, as AMP does); the record is read on logging steps (every step where the placement cannot skip on
 the device), which then save a checkpoint (no non-finite update was applied) and stop with a
-:class:`NonFiniteLossError` naming the loss part and the step.
+:class:`NonFiniteLossError` naming the loss part and the step. With ``train.amp=fp16`` non-finite *gradients*
+are the loss scaler's business (an overflow of the scaled fp16 backward): the step is skipped on the device, the
+scale halved, and training goes on; logging steps report those skipped steps and the scale. A non-finite loss
+still stops the run, as DeiT's loop does (AttnDistill's drops that batch and goes on).
 
 Logging: a tqdm bar with loss and img/s; JSONL records every ``train.log_every`` steps (loss parts, lr, img/s,
 step time, data-wait fraction, peak memory); TensorBoard when installed; a summary table at the end.
@@ -125,7 +128,7 @@ class Trainer:
 
         # ---- precision
         self.amp_dtype = builders.amp_dtype(cfg, self.device)
-        self.amp = "bf16" if self.amp_dtype is not None else "fp32"
+        self.amp = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[self.amp_dtype]
 
         # ---- data
         self.data_cfg = builders.data_config(cfg, self.device)
@@ -166,7 +169,9 @@ class Trainer:
                 teachers = placeholder_teachers(cfg)
             else:  # the run's later randomness (method extras, dropout) must not depend on building the teachers
                 with torch.random.fork_rng(devices=[]):
-                    teachers = builders.build_teachers(cfg, self.num_classes, self.data_cfg, dtype=self.amp_dtype)
+                    # fp16: the teachers keep fp32 weights under autocast (DeiT's and AttnDistill's teachers do)
+                    teachers = builders.build_teachers(cfg, self.num_classes, self.data_cfg,
+                                                       dtype=self.amp_dtype if self.amp == "bf16" else None)
             method = builders.build_method(cfg, student, teachers)
         self.method = method
         method.to(self.device)
@@ -185,7 +190,8 @@ class Trainer:
 
         # ---- placement of the student (torch / DDP / DeepSpeed), then its EMA
         self.placement = place_student(cfg, method, self.optimizer, self.info, micro_batch=micro,
-                                       bf16=self.amp == "bf16" and self.device.type == "cuda")
+                                       bf16=self.amp == "bf16" and self.device.type == "cuda",
+                                       scaler=builders.grad_scaler(self.device, self.amp_dtype))
         if t.ema:
             method.setup_ema(t.ema_decay)
 
@@ -207,6 +213,7 @@ class Trainer:
         self._last_grad_norm: torch.Tensor | None = None
         self._bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self._bad_parts: dict[str, torch.Tensor] = {}
+        self._win_skipped = torch.zeros((), dtype=torch.float32, device=self.device)  # fp16: overflow steps skipped
 
         self._log_setup()
 
@@ -313,14 +320,19 @@ class Trainer:
                 if isinstance(v, torch.Tensor) and v.numel() == 1:
                     parts[k] = parts.get(k, 0.0) + v.detach().float().reshape(()) / accum
         flag = all_reduce_max(flag)  # every rank skips the same steps (a collective on the device, no host read)
-        grad_norm = self.placement.grad_norm()
+        grad_norm = self.placement.grad_norm()  # fp16: of the unscaled gradients
+        skip = flag
         if grad_norm is not None:
-            flag = torch.maximum(flag, (~torch.isfinite(grad_norm)).float())
-        self._remember(parts, flag, grad_norm)
+            skip = torch.maximum(flag, (~torch.isfinite(grad_norm)).float())
+        # fp16: non-finite gradients are an overflow of the loss scale, skipped and counted; a bad loss stops the run
+        scaled = self.placement.scaler is not None
+        self._remember(parts, flag if scaled else skip, grad_norm)
+        if scaled:
+            self._win_skipped = self._win_skipped + skip
         log_now = (self.step + 1) % t.log_every == 0 or self.step + 1 == self.total_steps
         if log_now or not self.placement.device_skip:
             self.check_finite()
-        grad_norm = self.placement.step(flag, grad_norm)
+        grad_norm = self.placement.step(skip, grad_norm)
         self._last_grad_norm = grad_norm
         self.step += 1
         self.step_in_epoch += 1
@@ -427,6 +439,10 @@ class Trainer:
         names = sorted(self._win_parts)
         last = sorted(self._step_parts)
         values = [self._win_parts[k] for k in names] + [self._step_parts[k] for k in last]
+        scaled = self.placement.scaler is not None
+        if scaled:
+            values.append(self._win_skipped)
+            self._win_skipped = torch.zeros_like(self._win_skipped)
         if self._last_grad_norm is not None:
             values.append(self._last_grad_norm.float().reshape(()))
         packed = all_reduce_sum(torch.stack(values).to(torch.float64)).tolist() if values else []
@@ -442,6 +458,9 @@ class Trainer:
         rec["peak_mem_mb"] = float(all_reduce_max(peak))
         if self._last_grad_norm is not None:
             rec["grad_norm"] = packed[-1] / world  # identical on every rank (the gradients are all-reduced)
+        if scaled:  # fp16: steps of the window skipped for non-finite gradients, and the loss scale now
+            rec["skipped_steps"] = round(packed[len(names) + len(last)] / world)
+            rec["loss_scale"] = self.placement.loss_scale()
         self.history.append({"step": self.step, **rec})
         self.logger.log(rec, self.step)
         return rec
