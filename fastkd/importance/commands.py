@@ -1,8 +1,9 @@
 """``fastkd importance``: score every attention head of a timm ViT over a data set.
 
-Writes ``importance.json`` (scores ``[L, H]`` per score kind, rankings, the top head per layer, run metadata)
-and ``importance.png`` (a layer x head heatmap per kind). SSTA reads ``top_head_per_layer`` /
-``ranking`` from the JSON to choose its heads. The scoring itself is :mod:`fastkd.importance.scoring`.
+Writes ``importance.json`` (scores ``[L, H]`` per score kind, rankings, the top head per layer, the corrupt files
+met, run metadata) and ``importance.png`` (a layer x head heatmap per kind). SSTA reads ``top_head_per_layer`` /
+``ranking`` from the JSON to choose its heads. The scoring itself is :mod:`fastkd.importance.scoring`; images are
+read by :mod:`fastkd.data` with training's corrupt-file checks and policy (``--corrupt``, as ``data.corrupt``).
 """
 
 from __future__ import annotations
@@ -128,8 +129,9 @@ def add_importance_arguments(parser: argparse.ArgumentParser) -> None:
         "--corrupt",
         choices=CORRUPT_POLICIES,
         default=DataConfig.corrupt,
-        help="an image that cannot be read or decoded (as data.corrupt in training): skip it, replace it by the "
-        "next readable one, or stop with an error naming it. Skipped files are counted in importance.json",
+        help="an image that cannot be read, is truncated or damaged, or does not decode (the checks and values of "
+        "data.corrupt in training): skip it, replace it by the next readable one, or stop with one line naming it; "
+        "the files met are listed in importance.json (default: %(default)s)",
     )
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     g.add_argument(
@@ -174,8 +176,11 @@ def run_importance(args: argparse.Namespace) -> int:
     )
     counts = np.bincount(source.labels, minlength=len(source.classes))
     empty = [c for c, n in zip(source.classes, counts.tolist()) if n == 0]
-    if empty:  # a class all the same (training numbers it too), so that class indices match the model's
-        print(f"fastkd importance: class folder(s) without images: {', '.join(empty[:10])}", file=sys.stderr)
+    if empty:  # still a class: training numbers it too, so class indices stay those of a model trained on the folder
+        print(
+            f"warning: class folder(s) without images (still counted as classes): {', '.join(empty[:10])}",
+            file=sys.stderr,
+        )
     try:
         result = compute_importance(
             model,

@@ -261,7 +261,7 @@ def test_bad_input_under_each_policy(case, clean_run, tmp_path, capsys):
                          tol(torch.float32, 12), f"{kind}: skipping {case} vs the clean folder")  # fmt: skip
     if bad is None:  # not a file: the class exists (training numbers it too), no file is corrupt, the run says so
         assert corrupt == {"policy": "skip", "count": 0, "files": {}, "empty_classes": ["c9"]}
-        assert report["metadata"]["data_classes"] == 4 and "without images: c9" in err
+        assert report["metadata"]["data_classes"] == 4 and "without images (still counted as classes): c9" in err
         assert main(_policy_args(weights, data, tmp_path / "error", "error")) == 0
         return
     assert corrupt["policy"] == "skip" and corrupt["count"] == 1 and corrupt["empty_classes"] == [], corrupt
