@@ -286,3 +286,30 @@ def test_replace_policy_with_workers(clean_run, tmp_path, capsys):
     assert sorted(report["corrupt"]["files"]) == sorted([str(bad), str(data / "c2" / "0b.jpg")])
     assert "2 corrupt file(s) replaced" in capsys.readouterr().out
     assert report["scores"] != expected["scores"]  # 1.jpg of c1 and c2 now count twice
+
+
+def test_eval_images_are_timms_eval_transform(tmp_path):
+    """The images fastkd.data hands to the scoring are timm's eval transform of the files (resize, centre crop,
+    normalise with the model's mean/std), on awkward sizes and both formats; labels follow the class folders."""
+    from timm.data import create_transform
+    from timm.data import resolve_model_data_config
+
+    from fastkd.importance import build_eval_loader
+    from fastkd.importance.scoring import eval_input_size
+
+    rng = np.random.default_rng(2)
+    files = []
+    for c in range(2):
+        (tmp_path / f"k{c}").mkdir()
+        for i, (h, w) in enumerate([(40, 40), (37, 53), (61, 29), (100, 77)]):
+            files.append((tmp_path / f"k{c}" / f"{i}.{'png' if i % 2 else 'jpg'}", c))
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(files[-1][0])
+    model = tiny_vit(num_classes=2)
+    loader, source = build_eval_loader(tmp_path, model, batch_size=len(files))
+    batch = next(iter(loader))
+    cfg = resolve_model_data_config(model)
+    cfg["input_size"] = (3, *eval_input_size(model))
+    transform = create_transform(**cfg, is_training=False)
+    expected = torch.stack([transform(Image.open(f).convert("RGB")) for f, _ in files])
+    assert source.classes == ["k0", "k1"] and batch["labels"].tolist() == [c for _, c in files]
+    assert_close_rel(batch["images"], expected, tol(torch.float32), "images vs timm's eval transform")
