@@ -25,7 +25,11 @@ from fastkd.models.build import CheckpointError  # one error for every file of w
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, flush to disk, then rename over ``path``."""
+    """``torch.save`` to a temporary file in the same folder, flush to disk, then rename over ``path``.
+
+    A failed write (a full disk: ENOSPC from a write, the flush, ``fsync`` or the close; a quota or file-size
+    limit) raises :class:`CheckpointError` naming the last good checkpoint, which is left as it was; the
+    temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -35,13 +39,12 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:  # a full disk surfaces as either, depending on where the write fails
-        if isinstance(exc, RuntimeError) and not _is_write_error(exc):
+    except (OSError, RuntimeError) as exc:
+        cause = _write_error(exc)
+        if cause is None:
             raise
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())
         raise CheckpointError(
-            f"could not write checkpoint {path} ({reason}); nothing was replaced: the checkpoints already in "
-            f"{path.parent} are intact"
+            f"could not write checkpoint {path} ({cause}); nothing was replaced: {_kept(path)}"
         ) from exc
     finally:
         if tmp.exists():
@@ -49,9 +52,33 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-def _is_write_error(exc: RuntimeError) -> bool:
-    text = str(exc).lower()
-    return any(w in text for w in ("write", "space", "quota", "errno"))
+def _write_error(exc: BaseException) -> str | None:
+    """Why a write failed, or None when ``exc`` is not a write failure (a bug). ``torch.save`` turns an OSError
+    raised by the file's ``write`` into a RuntimeError ("unexpected pos ...") whose context is that OSError."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen.strerror or " ".join(str(seen).split())
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(str(exc).split())
+    return text if any(w in text.lower() for w in ("write", "space", "quota", "errno")) else None
+
+
+def _kept(path: Path) -> str:
+    """The last good checkpoint beside ``path`` (``ckpt/last.pt`` and the step file it links to), for a message."""
+    others = [p for p in candidates(path.parent.parent) if p != path] if path.parent.name == "ckpt" else []
+    if not others:
+        return f"there was no earlier checkpoint in {path.parent}"
+    newest = others[0]
+    same = next((p.name for p in others[1:] if _same_file(p, newest)), None)
+    return f"the last good checkpoint {newest}" + (f" (= {same})" if same else "") + " is intact"
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

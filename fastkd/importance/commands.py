@@ -1,8 +1,9 @@
 """``fastkd importance``: score every attention head of a timm ViT over a data set.
 
-Writes ``importance.json`` (scores ``[L, H]`` per score kind, rankings, the top head per layer, run metadata)
-and ``importance.png`` (a layer x head heatmap per kind). SSTA reads ``top_head_per_layer`` /
-``ranking`` from the JSON to choose its heads. The scoring itself is :mod:`fastkd.importance.scoring`.
+Writes ``importance.json`` (scores ``[L, H]`` per score kind, rankings, the top head per layer, the corrupt files
+met, run metadata) and ``importance.png`` (a layer x head heatmap per kind). SSTA reads ``top_head_per_layer`` /
+``ranking`` from the JSON to choose its heads. The scoring itself is :mod:`fastkd.importance.scoring`; images are
+read by :mod:`fastkd.data` with training's corrupt-file checks and policy (``--corrupt``, as ``data.corrupt``).
 """
 
 from __future__ import annotations
@@ -13,11 +14,16 @@ import json
 import math
 import os
 import platform
+import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from fastkd.data.config import CORRUPT_POLICIES
+from fastkd.data.config import DataConfig
+from fastkd.data.loader import CorruptImageError
 from fastkd.importance.ops import SCORES
 from fastkd.importance.scoring import LOSSES
 from fastkd.importance.scoring import build_eval_loader
@@ -119,6 +125,14 @@ def add_importance_arguments(parser: argparse.ArgumentParser) -> None:
         help="stop after N batches (a few thousand images usually give a stable ranking)",
     )
     g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument(
+        "--corrupt",
+        choices=CORRUPT_POLICIES,
+        default=DataConfig.corrupt,
+        help="an image that cannot be read, is truncated or damaged, or does not decode (the checks and values of "
+        "data.corrupt in training): skip it, replace it by the next readable one, or stop with one line naming it; "
+        "the files met are listed in importance.json (default: %(default)s)",
+    )
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     g.add_argument(
         "--backend",
@@ -157,23 +171,39 @@ def run_importance(args: argparse.Namespace) -> int:
     model = build_model(
         args.model, weights=args.weights, num_classes=args.num_classes, trust_checkpoint=args.trust_checkpoint, **kwargs
     )
-    loader, ds = build_eval_loader(args.data, model, batch_size=args.batch_size, workers=args.workers)
-    result = compute_importance(
-        model,
-        loader,
-        scores=kinds,
-        loss=args.loss,
-        num_data_classes=len(ds.classes),
-        batches=args.batches,
-        device=device,
-        backend=args.backend,
-        progress=not args.quiet,
+    loader, source = build_eval_loader(
+        args.data, model, batch_size=args.batch_size, workers=args.workers, corrupt=args.corrupt
     )
+    counts = np.bincount(source.labels, minlength=len(source.classes))
+    empty = [c for c, n in zip(source.classes, counts.tolist()) if n == 0]
+    if empty:  # still a class: training numbers it too, so class indices stay those of a model trained on the folder
+        print(
+            f"warning: class folder(s) without images (still counted as classes): {', '.join(empty[:10])}",
+            file=sys.stderr,
+        )
+    try:
+        result = compute_importance(
+            model,
+            loader,
+            scores=kinds,
+            loss=args.loss,
+            num_data_classes=len(source.classes),
+            batches=args.batches,
+            device=device,
+            backend=args.backend,
+            progress=not args.quiet,
+        )
+    except CorruptImageError as exc:  # name this command's option, not the training config's field
+        raise CorruptImageError(str(exc).replace("DataConfig.corrupt=", "--corrupt=")) from None
+    corrupt = loader.corrupt_summary()
+    corrupt.pop("split")
+    corrupt["empty_classes"] = empty
     result["rankings"] = {k: rank_heads(result["scores"][k], k) for k in kinds}
     primary = kinds[0]
     result.update(
         {
             "format": "fastkd.importance/1",
+            "corrupt": corrupt,
             "model": args.model,
             "weights": str(Path(args.weights).resolve()),
             "data": str(Path(args.data).resolve()),
@@ -193,7 +223,7 @@ def run_importance(args: argparse.Namespace) -> int:
                 "backend": args.backend,
                 "model_args": kwargs,
                 "num_classes": int(getattr(model, "num_classes", 0) or 0),
-                "data_classes": len(ds.classes),
+                "data_classes": len(source.classes),
             },
         }
     )
@@ -215,6 +245,7 @@ def run_importance(args: argparse.Namespace) -> int:
             "num_heads",
             "num_images",
             "loss",
+            "corrupt",
             "top_head_per_layer",
             "scores",
             "ranking",
@@ -228,8 +259,10 @@ def run_importance(args: argparse.Namespace) -> int:
     if not args.no_plot:
         write_heatmap(result, out / "importance.png")
     tops = ", ".join(f"L{i}:h{h}" for i, h in enumerate(result["top_head_per_layer"]))
+    bad = f"; {corrupt['count']} corrupt file(s) {'skipped' if args.corrupt == 'skip' else 'replaced'}"
     print(
-        f"scored {result['num_images']} images ({', '.join(kinds)}; loss={result['loss']}); top head per layer "
+        f"scored {result['num_images']} images ({', '.join(kinds)}; loss={result['loss']}"
+        f"{bad if corrupt['count'] else ''}); top head per layer "
         f"by {primary}: {tops}\nwrote {out / 'importance.json'}"
         + ("" if args.no_plot else f" and {out / 'importance.png'}")
     )

@@ -62,28 +62,81 @@ def eval_input_size(model: nn.Module) -> tuple[int, int]:
     return (int(s[1]), int(s[2]))
 
 
-def build_eval_loader(root: str | os.PathLike, model: nn.Module, *, batch_size: int = 32, workers: int = 0):
-    """A torchvision ImageFolder over ``root`` with timm's eval transform for ``model`` (resize, center crop,
-    normalize with the model's mean/std)."""
+class _TimmEvalGeometry:
+    """timm's eval transform of a model without its tensor conversion and normalisation: PIL image in, uint8
+    ``[3, H, W]`` out (fastkd.data's loader normalises with the same mean/std afterwards)."""
+
+    def __init__(self, transform) -> None:
+        from timm.data.transforms import MaybeToTensor
+        from torchvision import transforms as T
+
+        steps = transform.transforms if isinstance(transform, T.Compose) else [transform]
+        cut = next((i for i, t in enumerate(steps) if isinstance(t, (T.ToTensor, MaybeToTensor))), None)
+        if cut is None:
+            raise TypeError(f"timm's eval transform has no ToTensor step to stop at: {transform}")
+        self.geometry = T.Compose(steps[:cut])
+
+    def __call__(self, img):
+        from fastkd.data.transforms import to_chw_uint8
+
+        return to_chw_uint8(self.geometry(img))
+
+
+def build_eval_loader(
+    root: str | os.PathLike,
+    model: nn.Module,
+    *,
+    batch_size: int = 32,
+    workers: int = 0,
+    corrupt: str | None = None,
+):
+    """A loader of the ImageFolder tree ``root`` (``root/<class>/<image>``, or ``root/val/...``) with timm's eval
+    transform for ``model`` (resize, center crop, normalize with the model's mean/std), and its source
+    (``.classes``: the class folders, empty ones included, as training numbers them).
+
+    Files are listed, read, checked and decoded by :mod:`fastkd.data` (its torch loader), so a bad image meets the
+    same ``corrupt`` policy as in training (``"skip"``, ``"replace"`` or ``"error"``; None: training's default,
+    see :class:`~fastkd.data.DataConfig`); the loader's ``corrupt_summary()`` has the files met."""
     from timm.data import create_transform
     from timm.data import resolve_model_data_config
-    from torchvision.datasets import ImageFolder
+
+    from fastkd.data.config import CORRUPT_POLICIES
+    from fastkd.data.config import DataConfig
+    from fastkd.data.sources import open_folder
+    from fastkd.data.torch_loader import TorchLoader
 
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(
             f"--data {str(root)!r} is not a directory (expected an ImageFolder tree: DIR/<class>/<image>)"
         )
-    cfg = resolve_model_data_config(model)
-    cfg["input_size"] = (3, *eval_input_size(model))
-    transform = create_transform(**cfg, is_training=False)
+    corrupt = DataConfig.corrupt if corrupt is None else corrupt
+    if corrupt not in CORRUPT_POLICIES:
+        raise ValueError(f"--corrupt {corrupt!r}: expected one of {list(CORRUPT_POLICIES)}")
+    data_cfg = resolve_model_data_config(model)
+    data_cfg["input_size"] = (3, *eval_input_size(model))
     image_root = _find_image_root(root)
     try:
-        ds = ImageFolder(str(image_root), transform=transform)
-    except (FileNotFoundError, RuntimeError) as exc:
-        raise FileNotFoundError(f"--data {str(root)!r}: no ImageFolder images found ({exc})") from exc
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, drop_last=False)
-    return loader, ds
+        source = open_folder(str(image_root))
+    except ValueError as exc:
+        raise ValueError(f"--data {str(root)!r}: {exc}") from None
+    height, width = data_cfg["input_size"][1:]
+    cfg = DataConfig(
+        val_path=str(image_root),
+        backend="torch",
+        device="cpu",
+        batch_size=batch_size,
+        num_workers=workers,
+        img_size=max(height, width),
+        mean=tuple(float(m) for m in data_cfg["mean"]),
+        std=tuple(float(s) for s in data_cfg["std"]),
+        shuffle=False,
+        corrupt=corrupt,
+    )
+    cfg.validate()
+    loader = TorchLoader(cfg, "val", 0, 1, source)
+    loader.dataset.transform = _TimmEvalGeometry(create_transform(**data_cfg, is_training=False))
+    return loader, source
 
 
 # ------------------------------------------------------------------------------------------------------ loss

@@ -16,6 +16,7 @@ from fastkd.importance import rank_heads
 from fastkd.models import AttentionTaps
 from tests.models._tiny import tiny_vit
 from tests.utils import assert_close_rel
+from tests.utils import tol
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +182,134 @@ def test_cli_errors(tmp_path, image_folder, capsys, monkeypatch):
         main(base + ["--data", str(image_folder), "--score", "gradient,magic"])
     with pytest.raises(FileNotFoundError, match="--data"):
         main(base + ["--data", str(tmp_path / "missing")])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the corrupt-file policy: fastkd.data's checks and data.corrupt's values (skip, replace, error)
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory):
+    """3 classes x 4 JPEGs of 64x64 px (16 MCUs: room for restart markers), weights, and the scores of a clean run."""
+    tmp = tmp_path_factory.mktemp("clean")
+    rng = np.random.default_rng(1)
+    for c in range(3):
+        (tmp / "data" / f"c{c}").mkdir(parents=True)
+        for i in range(4):
+            img = rng.normal(90, 40, (64, 64, 3))
+            img[..., c] += 80
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(tmp / "data" / f"c{c}" / f"{i}.jpg", quality=90)
+    _, weights = _weights(tmp, num_classes=3)
+    assert main(_policy_args(weights, tmp / "data", tmp / "out", "error")) == 0
+    return tmp / "data", weights, json.loads((tmp / "out" / "importance.json").read_text())
+
+
+def _policy_args(weights, data, out, policy, workers=0):
+    """One batch holds every image: the clean run and a run that skips a bad file score the same 12-image batch (a
+    batch whose every file is bad is never handed out, so with one image per batch skip would replace)."""
+    return ["importance", "--model", "vit_tiny_patch16_224", "--weights", str(weights), "--img-size", "32",
+            "--model-arg", "depth=2", "--num-classes", "3", "--data", str(data), "--score", "gradient,entropy",
+            "--loss", "pseudo", "--batch-size", "16", "--workers", str(workers), "--corrupt", policy, "--no-plot",
+            "--quiet", "--out", str(out)]  # fmt: skip
+
+
+def _add_problem(case, data, tmp_path):
+    """Put one bad input into a copy of the clean folder; returns the copy, the bad file (None: an empty class
+    folder) and what its reason must say."""
+    import shutil
+
+    from tests.data.test_corrupt import damaged_scans
+
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    good = (copy / "c1" / "0.jpg").read_bytes()
+    bad = copy / "c1" / "0b.jpg"  # sorts between 0.jpg and 1.jpg
+    if case == "empty class folder":
+        (copy / "c9").mkdir()
+        return copy, None, None
+    if case == "dangling symlink":
+        bad.symlink_to(tmp_path / "gone.jpg")
+        return copy, bad, "unreadable"
+    if case == "truncated JPEG":
+        bad.write_bytes(good[: len(good) // 2])
+        return copy, bad, "truncated JPEG"
+    if case == "damaged-scan JPEG":  # the end marker is there; PIL alone would decode garbage without a word
+        bad.write_bytes(damaged_scans(good)["a piece cut out of the scan"])
+        return copy, bad, "damaged JPEG scan data"
+    (copy / "c1" / "notes.txt").write_text("not an image, and not named like one: not a sample either\n")
+    bad.write_text("an image extension, but text inside\n")
+    return copy, bad, "not a supported image format"
+
+
+CASES = ["empty class folder", "dangling symlink", "truncated JPEG", "damaged-scan JPEG", "non-image file"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_under_each_policy(case, clean_run, tmp_path, capsys):
+    """skip: the run goes on, the file is counted and named in importance.json and on the console, and the scores
+    are those of the clean folder; error: one line naming the file, exit code 2, nothing written."""
+    clean, weights, expected = clean_run
+    data, bad, reason = _add_problem(case, clean, tmp_path)
+    capsys.readouterr()
+    assert main(_policy_args(weights, data, tmp_path / "skip", "skip")) == 0
+    out, err = capsys.readouterr()
+    report = json.loads((tmp_path / "skip" / "importance.json").read_text())
+    corrupt = report["corrupt"]
+    assert report["num_images"] == 12
+    for kind in ("gradient", "entropy"):
+        assert_close_rel(torch.tensor(report["scores"][kind]), torch.tensor(expected["scores"][kind]),
+                         tol(torch.float32, 12), f"{kind}: skipping {case} vs the clean folder")  # fmt: skip
+    if bad is None:  # not a file: the class exists (training numbers it too), no file is corrupt, the run says so
+        assert corrupt == {"policy": "skip", "count": 0, "files": {}, "empty_classes": ["c9"]}
+        assert report["metadata"]["data_classes"] == 4 and "without images (still counted as classes): c9" in err
+        assert main(_policy_args(weights, data, tmp_path / "error", "error")) == 0
+        return
+    assert corrupt["policy"] == "skip" and corrupt["count"] == 1 and corrupt["empty_classes"] == [], corrupt
+    assert list(corrupt["files"]) == [str(bad)] and reason in corrupt["files"][str(bad)], corrupt
+    assert "1 corrupt file(s) skipped" in out, out
+    assert main(_policy_args(weights, data, tmp_path / "error", "error")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [f"fastkd importance: corrupt image {bad}: {corrupt['files'][str(bad)]} "
+                                "(--corrupt='skip' or 'replace' goes on)"], err  # fmt: skip
+    assert not (tmp_path / "error").exists()
+
+
+def test_replace_policy_with_workers(clean_run, tmp_path, capsys):
+    """replace: the next readable image takes the bad one's place (scored twice), counted once; the bad files met in
+    the DataLoader workers reach the main process's record."""
+    clean, weights, expected = clean_run
+    data, bad, _ = _add_problem("truncated JPEG", clean, tmp_path)
+    (data / "c2" / "0b.jpg").symlink_to(tmp_path / "gone.jpg")
+    assert main(_policy_args(weights, data, tmp_path / "o", "replace", workers=2)) == 0
+    report = json.loads((tmp_path / "o" / "importance.json").read_text())
+    assert report["num_images"] == 14 and report["corrupt"]["count"] == 2, report["corrupt"]
+    assert sorted(report["corrupt"]["files"]) == sorted([str(bad), str(data / "c2" / "0b.jpg")])
+    assert "2 corrupt file(s) replaced" in capsys.readouterr().out
+    assert report["scores"] != expected["scores"]  # 1.jpg of c1 and c2 now count twice
+
+
+def test_eval_images_are_timms_eval_transform(tmp_path):
+    """The images fastkd.data hands to the scoring are timm's eval transform of the files (resize, centre crop,
+    normalise with the model's mean/std), on awkward sizes and both formats; labels follow the class folders."""
+    from timm.data import create_transform
+    from timm.data import resolve_model_data_config
+
+    from fastkd.importance import build_eval_loader
+    from fastkd.importance.scoring import eval_input_size
+
+    rng = np.random.default_rng(2)
+    files = []
+    for c in range(2):
+        (tmp_path / f"k{c}").mkdir()
+        for i, (h, w) in enumerate([(40, 40), (37, 53), (61, 29), (100, 77)]):
+            files.append((tmp_path / f"k{c}" / f"{i}.{'png' if i % 2 else 'jpg'}", c))
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(files[-1][0])
+    model = tiny_vit(num_classes=2)
+    loader, source = build_eval_loader(tmp_path, model, batch_size=len(files))
+    batch = next(iter(loader))
+    cfg = resolve_model_data_config(model)
+    cfg["input_size"] = (3, *eval_input_size(model))
+    transform = create_transform(**cfg, is_training=False)
+    expected = torch.stack([transform(Image.open(f).convert("RGB")) for f, _ in files])
+    assert source.classes == ["k0", "k1"] and batch["labels"].tolist() == [c for _, c in files]
+    assert_close_rel(batch["images"], expected, tol(torch.float32), "images vs timm's eval transform")
