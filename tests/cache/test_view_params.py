@@ -166,3 +166,24 @@ def test_a_cache_of_one_backend_is_refused_by_the_other(tmp_path, data):  # noqa
     with pytest.raises(ConfigError, match="views.backend: cache 'torch', this run 'dali'"):
         Trainer(_cfg("hinton_tiny", tmp_path, data, "dali", f"teachers.cache={cache_dir}", "train.steps=3",
                      "data.backend=dali", "data.device=cpu"), console=False)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dali_available(), reason="needs NVIDIA DALI")
+def test_dali_records_and_replays_its_views(tmp_path, data):  # noqa: F811
+    """The DALI back end (its CPU graph) with RandAugment and random erasing: the cache records the crop windows,
+    flips and RandAugment draws DALI was fed, and the cached run replays them (same losses as the online run)."""
+    from tests.cache.test_cache import _losses
+    from tests.cache.test_cache import _train
+
+    extra = ["data.backend=dali", "data.device=cpu", "data.randaugment=2", "data.random_erasing=0.5",
+             "train.steps=3", "train.epochs=1"]
+    online = _train(_cfg("hinton_tiny", tmp_path, data, "online", *extra))
+    cache = build_cache(_cfg("hinton_tiny", tmp_path, data, "build", *extra), tmp_path / "c", block_batches=BLOCK,
+                        progress=False)
+    assert cache.manifest["views"]["backend"] == "dali"
+    rec = cache.rows(0, 0, 0, 48)["params"]
+    assert (rec["ra_op"] >= 0).any() and (rec["erase"][..., 2] > 0).any() and rec["flip"].any()
+    assert ((rec["crop"][:, 0, :2] >= 0) & (rec["crop"][:, 0, 2:] <= 32)).all()
+    cached = _train(_cfg("hinton_tiny", tmp_path, data, "cached", *extra, f"teachers.cache={cache.root}"))
+    assert _losses(cached) == _losses(online) and len(online.history) == 3
