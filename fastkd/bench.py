@@ -1,4 +1,4 @@
-"""``fastkd bench kernels|importance|data|train|model [options]``: run a benchmark script from ``benchmarks/``.
+"""``fastkd bench kernels|importance|data|train|model|cache [options]``: run a benchmark script from ``benchmarks/``.
 
 The scripts live in the repository's ``benchmarks/`` folder (next to ``fastkd/``), so this command works
 from a source checkout or an editable install (``pip install -e .``). Options after the benchmark name are
@@ -17,6 +17,7 @@ SCRIPTS = {
     "data": ("data_pipeline.py", "data pipeline images/s: DALI vs torchvision"),
     "train": ("train_step.py", "end-to-end training step: images/s, step time, peak memory"),
     "model": ("kernel_model.py", "predicted kernel times from the compiled sm_90 code (no GPU needed), CSV"),
+    "cache": ("teacher_cache.py", "teacher cache: size per image, top-K KD error, cached vs online vs no-teacher step"),
 }
 
 

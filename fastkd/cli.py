@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "fastkd.importance.commands", "score the attention heads of a ViT and write importance.json + a heatmap"
     ),
     "data": ("fastkd.data.commands", "prepare a small real data set (data prepare)"),
-    "bench": ("fastkd.bench", "benchmarks: kernels | importance | data | train"),
+    "bench": ("fastkd.bench", "benchmarks: kernels | importance | data | train | model | cache"),
     "info": ("fastkd.info", "versions, devices, and which kernel implementation each op uses"),
     "teacher-cache": ("fastkd.cache.commands", "build a soft-label cache of a recipe's teachers (teacher-cache build)"),
 }

@@ -31,6 +31,7 @@ from fastkd.cache.store import TeacherCache
 from fastkd.cache.store import first_difference
 from fastkd.cache.store import identity
 from fastkd.cache.store import layout_of
+from fastkd.cache.store import views_of
 
 
 def _check_args(epochs: int | None, topk: int, world_size: int | None, block_batches: int) -> None:
@@ -83,6 +84,7 @@ def build_cache(cfg, out, *, epochs: int | None = None, topk: int = 0, dtype: st
         "identity": identity(cfg, data_cfg, loaders[0].source),
         "epochs": int(epochs), "topk": int(topk) or int(num_classes), "num_classes": int(num_classes),
         "teachers": len(teachers), "dtype": dtype, "layout": layout_of(loaders[0], block_batches),
+        "views": views_of(loaders[0]),
         "complete": False,
     }
     cache = _open_or_start(out, manifest, info.is_main)
@@ -102,6 +104,7 @@ def build_cache(cfg, out, *, epochs: int | None = None, topk: int = 0, dtype: st
         for e, r, b in todo:
             if r not in loaders:
                 loaders[r] = build_loader(data_cfg, "train", r, layout_world)
+            loaders[r].record_views = True
             records = _record_block(cache, loaders[r], teachers, e, b, amp, bar)
             cache.write_shard(cache.shard_name(e, r, b), records)
     finally:
@@ -165,6 +168,7 @@ def _record_block(cache: TeacherCache, loader, teachers, epoch: int, block: int,
             images = batch["images"]
             at = slice(start - begin, start - begin + images.shape[0])
             records["index"][at] = batch["index"].numpy()
+            records["params"][at] = batch["view_params"]
             records["view"][at] = view_fingerprint(images).numpy()
             with amp:
                 logits = torch.stack([teacher_logits(t, images, f"teachers.{i}") for i, t in enumerate(teachers)], 1)

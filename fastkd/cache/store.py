@@ -9,7 +9,7 @@ This docstring is the one description of the format (README links here)::
 
 ``manifest.json``::
 
-    format      "fastkd-teacher-cache/1"
+    format      "fastkd-teacher-cache/2"
     identity    what the cached logits depend on; a training run recomputes it and refuses a mismatch:
                   teachers, data   the recipe fields that decide the teacher's inputs and outputs: the teachers'
                                    specs (name, kwargs) and the data section (augmentation, Mixup/CutMix, seed, dtype,
@@ -24,15 +24,22 @@ This docstring is the one description of the format (README links here)::
     num_classes C, dtype of the logits ("float32" or "float16"), teachers (their count T)
     layout      the batch layout the views and mixes belong to: world_size, batch_size, drop_last,
                 shard_policy, samples_per_rank, batches_per_epoch, block_batches
+    views       backend   the data back end that drew the views ("torch" or "dali"; they draw from different
+                          generators, so a run must use the same one)
+                params    the NumPy ``descr`` of the ``params`` field below (its fields follow from the data section)
     complete    true once every shard is written; shards: {file name: sha256}
 
 Shard ``e_r_b`` holds positions ``[b·R, (b+1)·R)`` of rank ``r``'s share of epoch ``e`` (``R = block_batches ·
 batch_size``; the last block may be shorter), one record per position:
 
     index    int64          data set index of the sample delivered at that position (-1: none, e.g. a skipped file)
+    params   struct         the view parameters the loader drew for it (:mod:`fastkd.data.record` lists the
+                            fields): per view the crop window (left, top, width, height in the decoded image), the
+                            flip, RandAugment's operations, magnitudes and arguments (when on), the random-erasing
+                            box (when on); per sample its batch's Mixup/CutMix partner, lambda and box (when on)
     view     float32[3]     fingerprint of the view the teacher saw (after Mixup/CutMix): the mean of the
-                            normalised image and its means weighted by x and by y in [-1, 1]; a training batch is
-                            checked against it, so a crop, flip or mix that differs is caught
+                            normalised image and its means weighted by x and by y in [-1, 1]; it catches what the
+                            parameters do not describe (other pixels: another decoder, resize or normalisation)
     logits   dtype[T, K]    each teacher's K largest logits (all C in class order when K >= C)
     classes  int32[T, K]    their class ids (only when K < C)
     tail     float32[T]     only when K < C: ``log(mean_j exp(z_j))`` over the C - K left-out classes ``j``; the
@@ -40,8 +47,14 @@ batch_size``; the last block may be shorter), one record per position:
                             and the left-out mass are exact (:func:`fastkd.cache.replay.dense_logits`)
 
 Replay: the augmentation of a sample is a pure function of ``(data.seed, epoch, index)`` and Mixup/CutMix of
-``(data.seed, epoch, batch position)`` (:mod:`fastkd.data.sharding`), so a loader with the same data section and
-batch layout delivers the recorded views; ``index`` and ``view`` verify it batch by batch.
+``(data.seed, epoch, batch position)`` (:mod:`fastkd.data.sharding`), so a loader with the same data section,
+back end and batch layout draws the recorded views again. The training run's loader records what it draws
+(``record_views``) and :class:`fastkd.cache.replay.CachedLoader` checks every batch against the cache: ``index``,
+then ``params`` field by field (a difference is one line naming the field, the epoch, the position and the
+sample), then ``view``. Both back ends draw every parameter on the host from the sample's seed: DALI feeds its
+crop windows, flips and RandAugment choices to the graph through ``external_source`` (no random operator in the
+graph), the torchvision path runs torchvision's and timm's own transforms under the seeded generators. Neither
+is driven from the recorded parameters yet (they replay by drawing them again, and the check above proves it).
 """
 
 from __future__ import annotations
@@ -55,7 +68,7 @@ from typing import Any
 
 import numpy as np
 
-FORMAT = "fastkd-teacher-cache/1"
+FORMAT = "fastkd-teacher-cache/2"
 
 # data-section fields that cannot change what the teacher sees (paths, workers, back end, validation-only settings)
 _DATA_IGNORED = ("root", "train_path", "val_path", "source", "backend", "device", "val_batch_size", "num_workers",
@@ -152,8 +165,21 @@ def first_difference(saved: Any, mine: Any, path: str = "") -> str | None:
     return None if saved == mine else f"{path}: cache {saved!r}, this run {mine!r}"
 
 
-def record_dtype(num_teachers: int, k: int, num_classes: int, dtype: str) -> np.dtype:
-    fields = [("index", np.int64), ("view", np.float32, (3,)), ("logits", np.dtype(dtype), (num_teachers, k))]
+def views_of(loader) -> dict[str, Any]:
+    """The ``views`` entry of the manifest for a training loader: its back end and view-parameter fields."""
+    from fastkd.data.record import params_dtype
+
+    return json.loads(json.dumps({"backend": loader.backend, "params": params_dtype(loader.cfg).descr}))
+
+
+def params_dtype_of(views: dict[str, Any]) -> np.dtype:
+    """The ``params`` field's dtype from the manifest's ``views`` entry (JSON lists back to NumPy's tuples)."""
+    return np.dtype([(f[0], f[1], tuple(f[2])) if len(f) > 2 else (f[0], f[1]) for f in views["params"]])
+
+
+def record_dtype(num_teachers: int, k: int, num_classes: int, dtype: str, params: np.dtype) -> np.dtype:
+    fields = [("index", np.int64), ("params", params), ("view", np.float32, (3,)),
+              ("logits", np.dtype(dtype), (num_teachers, k))]
     if k < num_classes:
         fields += [("classes", np.int32, (num_teachers, k)), ("tail", np.float32, (num_teachers,))]
     return np.dtype(fields)
@@ -170,7 +196,8 @@ class TeacherCache:
         self.num_teachers, self.dtype = int(m["teachers"]), str(m["dtype"])
         self.layout = m["layout"]
         self.k = min(self.topk, self.num_classes)
-        self.record = record_dtype(self.num_teachers, self.k, self.num_classes, self.dtype)
+        self.record = record_dtype(self.num_teachers, self.k, self.num_classes, self.dtype,
+                                   params_dtype_of(m["views"]))
         self.rows_per_block = self.layout["block_batches"] * self.layout["batch_size"]
         self._open: dict[str, np.ndarray] = {}
 
@@ -274,4 +301,4 @@ class TeacherCache:
 
 
 __all__ = ["FORMAT", "CacheError", "TeacherCache", "dataset_fingerprint", "first_difference", "identity",
-           "layout_of", "record_dtype", "recipe_identity", "teacher_identity"]
+           "layout_of", "params_dtype_of", "record_dtype", "recipe_identity", "teacher_identity", "views_of"]

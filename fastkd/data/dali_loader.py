@@ -474,6 +474,23 @@ class DaliLoader(BaseLoader):
                 out.append(draw_view_colour(rng, cfg, v))
         return out
 
+    def view_draws(self, inputs: list[np.ndarray]) -> list[dict]:
+        """:meth:`view_inputs` of a sample as :mod:`fastkd.data.record` describes views: per view the crop window,
+        the flip and the RandAugment operations (-1: not applied) with their magnitude bins (as magnitudes) and
+        sign bits."""
+        per = view_input_count(self.cfg)
+        out = []
+        for v in range(0, len(inputs), per):
+            (left, top), (w, h), mirror = inputs[v], inputs[v + 1], inputs[v + 2]
+            d = {"crop": (int(left), int(top), int(w), int(h)), "flip": bool(mirror)}
+            if per == 4:
+                n = self.cfg.randaugment
+                ra = inputs[v + 3]
+                d["ra"] = [(int(ra[k]), ra[n + k] * 10.0 / (RA_BINS - 1), float(ra[2 * n + k]))
+                           if ra[k] < self._num_ops else (-1, np.nan, np.nan) for k in range(n)]
+            out.append(d)
+        return out
+
     def _replacement(self, index: int) -> tuple[int, bytes] | None:
         for cand in self.replacement_candidates(index):
             if cand in self.corrupt:
@@ -592,6 +609,7 @@ class DaliLoader(BaseLoader):
                     "index": [it[0] for it in items],
                     "is_pad": [it[1] for it in items],
                     "seeds": [it[4] for it in items],
+                    "draws": [self.view_draws(it[3]) for it in items],
                 }
                 yield raw, len(chunk[0])
         finally:

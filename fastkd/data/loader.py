@@ -10,6 +10,8 @@ A loader is an iterable of dict batches::
                       (a method that scores the teacher on clean images asks for it: SSTA's importance="auto")
     batch["index"]    LongTensor [B]: data set index of each sample (on the CPU)
     batch["is_pad"]   BoolTensor [B]: True for samples repeated to even out the ranks (on the CPU)
+    batch["view_params"]  NumPy structured array [B]: what was drawn for each sample (crop, flip, RandAugment,
+                      erasing, Mixup/CutMix), only when ``record_views`` is set (:mod:`fastkd.data.record`)
 
 It has ``__len__`` (batches in a full epoch), ``set_epoch``, ``state_dict``/``load_state_dict``
 (epoch and position inside it, and the corrupt files met so far), the attributes ``num_classes``,
@@ -28,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastkd.data import record
 from fastkd.data import sharding
 from fastkd.data.config import SPLITS
 from fastkd.data.config import DataConfig
@@ -101,6 +104,7 @@ class BaseLoader:
         self._mean = torch.tensor([255.0 * m for m in cfg.mean]).view(1, 3, 1, 1)
         self._std = torch.tensor([255.0 * s for s in cfg.std]).view(1, 3, 1, 1)
         self.keep_clean_images = False  # also hand out the un-mixed images (batch["clean_images"]) when mixing
+        self.record_views = False  # also hand out what was drawn for each sample (batch["view_params"])
         self._mixup = None
         if self.train and cfg.mixing:
             from timm.data import Mixup
@@ -260,9 +264,12 @@ class BaseLoader:
         if views[0].dtype == torch.uint8:
             views = [self._normalize(v) for v in views]
         views = [v if v.dtype == self.dtype else v.to(self.dtype) for v in views]
+        params = record.new_params(self.cfg, raw["draws"]) if self.record_views else None
         if self._erase is not None:
             for v, view in enumerate(views):
-                self._random_erase(view, sharding.derived_seeds(raw["seeds"], v))
+                boxes = self._random_erase(view, sharding.derived_seeds(raw["seeds"], v))
+                if params is not None:
+                    params["erase"][:, v] = boxes
         labels = torch.as_tensor(np.asarray(raw["labels"], dtype=np.int64)).to(self.device, non_blocking=True)
         batch: dict[str, Any] = {
             "images": views if self.num_views > 1 else views[0],
@@ -273,6 +280,9 @@ class BaseLoader:
         if self._mixup is not None:
             # timm draws from NumPy's global generator: seed it for this batch, then give it back untouched
             state = np.random.get_state()
+            if params is not None:
+                np.random.seed(seed & 0xFFFFFFFF)
+                self._record_mix(params, views[0], batch["index"])
             np.random.seed(seed & 0xFFFFFFFF)
             try:
                 if self.keep_clean_images:  # timm mixes in place
@@ -280,13 +290,25 @@ class BaseLoader:
                 batch["images"], batch["targets"] = self._mix(views[0], labels)
             finally:
                 np.random.set_state(state)
+        if params is not None:
+            batch["view_params"] = params
         return batch
 
-    def _random_erase(self, images: torch.Tensor, seeds: np.ndarray) -> None:
-        """timm's ``RandomErasing``, in place, sample by sample, each with its own seed."""
+    def _random_erase(self, images: torch.Tensor, seeds: np.ndarray) -> list[tuple[int, int, int, int]]:
+        """timm's ``RandomErasing``, in place, sample by sample, each with its own seed; the erased boxes."""
+        boxes = []
         for image, sample_seed in zip(images, seeds.tolist()):
             with seeded(int(sample_seed), images.device):
-                self._erase(image)
+                boxes.append(record.erase(self._erase, image))
+        return boxes
+
+    def _record_mix(self, params: np.ndarray, x: torch.Tensor, index: torch.Tensor) -> None:
+        """Fill the Mixup/CutMix fields of ``params`` with what :meth:`_mix` is about to draw (see there)."""
+        even = len(x) - len(x) % 2
+        if not even:
+            return
+        for i, (j, lam, box) in enumerate(record.draw_mix(self._mixup, even, tuple(x.shape[-2:]))):
+            params["mix_with"][i], params["mix_lam"][i], params["mix_box"][i] = int(index[j]), lam, box
 
     def _mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """timm Mixup/CutMix; an odd batch (a last partial one) mixes its even prefix and gives the

@@ -56,11 +56,13 @@ class _Dataset(torch.utils.data.Dataset):
         except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... on bad streams
             return None, f"decode failed: {type(exc).__name__}: {exc}"
 
-    def augment(self, img: Image.Image, seed: int) -> list[torch.Tensor]:
+    def augment(self, img: Image.Image, seed: int) -> tuple[list[torch.Tensor], list[dict]]:
+        """The views of a sample and what was drawn for each (:meth:`TrainTransform.draw`)."""
         if not self.train:
-            return [self.transforms[0](img)]
+            return [self.transforms[0](img)], []
         with seeded(seed):
-            return [transform(img) for transform in self.transforms]
+            views, draws = zip(*(transform.draw(img) for transform in self.transforms))
+        return list(views), list(draws)
 
     def __getitem__(self, item: tuple[int, bool, int], force_replace: bool = False) -> dict[str, Any]:
         with pil_size_limit_lifted():  # DataConfig.max_image_pixels applies instead (see decode)
@@ -82,9 +84,10 @@ class _Dataset(torch.utils.data.Dataset):
                     bad.append((cand, problem))
         if img is None or self.policy == "error" and bad:
             return {"views": None, "bad": bad, "index": index, "is_pad": is_pad, "item": item}
-        views = self.augment(img, seed)  # a replacement takes the seed of the slot it fills
+        views, draws = self.augment(img, seed)  # a replacement takes the seed of the slot it fills
         label = int(self.source.labels[used])
-        return {"views": views, "bad": bad, "index": used, "is_pad": is_pad, "label": label, "item": item}
+        return {"views": views, "draws": draws, "bad": bad, "index": used, "is_pad": is_pad, "label": label,
+                "item": item}
 
 
 def _collate(items: list[dict[str, Any]], num_views: int, size: int) -> dict[str, Any]:
@@ -99,6 +102,7 @@ def _collate(items: list[dict[str, Any]], num_views: int, size: int) -> dict[str
         "index": np.array([it["index"] for it in good], dtype=np.int64),
         "is_pad": np.array([it["is_pad"] for it in good], dtype=bool),
         "seeds": np.array([it["item"][2] for it in good], dtype=np.uint64),
+        "draws": [it["draws"] for it in good],
         "bad": [b for it in items for b in it["bad"]],
         "first": items[0]["item"],
     }

@@ -145,41 +145,110 @@ class ValTransform:
         return to_chw_uint8(img.crop(center_crop_box(h, w, self.size)))
 
 
+class _Noted:
+    """A function of one of timm's RandAugment operations, noting in ``log[-1]`` that it ran (``aug_fn``) or the
+    magnitude it got and the argument it returned (``level_fn``)."""
+
+    def __init__(self, fn, log: list, kind: str) -> None:
+        self.fn, self.log, self.kind = fn, log, kind
+
+    def __call__(self, *args, **kwargs):
+        out = self.fn(*args, **kwargs)
+        if self.kind == "aug":
+            self.log[-1]["applied"] = True
+        else:
+            self.log[-1].update(mag=float(args[0]), arg=float(out[0]) if len(out) == 1 else math.nan)
+        return out
+
+
+class _NotedOp:
+    """One of timm's RandAugment operations, run by timm's own code, noting what it drew in ``log``."""
+
+    def __init__(self, op, index: int, log: list) -> None:
+        self.op, self.index, self.log = op, index, log
+        op.aug_fn = _Noted(op.aug_fn, log, "aug")
+        if op.level_fn is not None:
+            op.level_fn = _Noted(op.level_fn, log, "level")
+
+    def __call__(self, img):
+        self.log.append({"op": self.index})
+        return self.op(img)
+
+    def __getattr__(self, name: str):
+        return getattr(self.op, name)
+
+    def __repr__(self) -> str:
+        return repr(self.op)
+
+
 class TrainTransform:
     """Random-resized-crop, horizontal flip, optional RandAugment (timm's own transform, as timm's
     ``create_transform`` builds it), then the self-supervised view augmentation of view ``view``
     (torchvision's colour jitter, grayscale, Gaussian blur and solarize, see :class:`DataConfig`);
-    uint8 CHW tensor out. Run it inside :func:`seeded`."""
+    uint8 CHW tensor out. Run it inside :func:`seeded`.
+
+    :meth:`draw` also returns what was drawn (:mod:`fastkd.data.record`): the crop window, the flip and each
+    RandAugment operation with its magnitude and argument (the view augmentation's draws are not recorded)."""
 
     def __init__(self, cfg: DataConfig, view: int = 0) -> None:
         from torchvision import transforms as T
         from torchvision.transforms import InterpolationMode
 
         interp = InterpolationMode.BILINEAR if cfg.interpolation == "bilinear" else InterpolationMode.BICUBIC
-        steps = [
-            T.RandomResizedCrop(cfg.img_size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), interpolation=interp),
-        ]
+        self.crop = T.RandomResizedCrop(cfg.img_size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio),
+                                        interpolation=interp)
+        steps = [self.crop]
+        self.hflip = cfg.hflip
         if cfg.hflip > 0:
             steps.append(T.RandomHorizontalFlip(cfg.hflip))
+        self.rand_augment = None
+        self._ra_log: list[dict] = []
         if cfg.randaugment > 0:
             from timm.data.auto_augment import rand_augment_transform
 
-            steps.append(rand_augment_transform(timm_rand_augment_config(cfg), timm_rand_augment_hparams(cfg)))
+            ra = rand_augment_transform(timm_rand_augment_config(cfg), timm_rand_augment_hparams(cfg))
+            ra.ops = [_NotedOp(op, k, self._ra_log) for k, op in enumerate(ra.ops)]
+            self.rand_augment = ra
+            steps.append(ra)
         # the colour operations and the symmetric blur commute with the flip: after it, as in the DALI graph
+        views = []
         if any(cfg.color_jitter) and cfg.color_jitter_p > 0:
-            steps.append(T.RandomApply([T.ColorJitter(*cfg.color_jitter)], p=cfg.color_jitter_p))
+            views.append(T.RandomApply([T.ColorJitter(*cfg.color_jitter)], p=cfg.color_jitter_p))
         if cfg.grayscale > 0:
-            steps.append(T.RandomGrayscale(cfg.grayscale))
+            views.append(T.RandomGrayscale(cfg.grayscale))
         blur = cfg.view_probability("gaussian_blur", view)
         if blur > 0:
-            steps.append(T.RandomApply([T.GaussianBlur(cfg.blur_kernel_size, sigma=tuple(cfg.blur_sigma))], p=blur))
+            views.append(T.RandomApply([T.GaussianBlur(cfg.blur_kernel_size, sigma=tuple(cfg.blur_sigma))], p=blur))
         solarize = cfg.view_probability("solarize", view)
         if solarize > 0:
-            steps.append(T.RandomSolarize(SOLARIZE_THRESHOLD, p=solarize))
-        self.transform = T.Compose(steps)
+            views.append(T.RandomSolarize(SOLARIZE_THRESHOLD, p=solarize))
+        self.view_steps = views
+        self.transform = T.Compose(steps + views)  # the steps as torchvision and timm build them; :meth:`draw` runs them
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        return to_chw_uint8(self.transform(img))
+        return self.draw(img)[0]
+
+    def draw(self, img: Image.Image) -> tuple[torch.Tensor, dict]:
+        """The view and its draws ``{"crop": (left, top, width, height), "flip": bool, "ra": [(op, magnitude,
+        argument), ...]}``; the same random calls, in the same order, as torchvision's ``RandomResizedCrop`` and
+        ``RandomHorizontalFlip`` and timm's RandAugment."""
+        from torchvision.transforms import functional as F
+
+        c = self.crop
+        top, left, h, w = c.get_params(img, c.scale, c.ratio)
+        img = F.resized_crop(img, top, left, h, w, c.size, c.interpolation, antialias=c.antialias)
+        flip = self.hflip > 0 and bool(torch.rand(1) < self.hflip)
+        if flip:
+            img = F.hflip(img)
+        drawn: dict = {"crop": (left, top, w, h), "flip": flip}
+        if self.rand_augment is not None:
+            self._ra_log.clear()
+            img = self.rand_augment(img)
+            drawn["ra"] = [(e["op"], e.get("mag", math.nan), e.get("arg", math.nan)) if e.get("applied")
+                           else (-1, math.nan, math.nan) for e in self._ra_log]
+        for step in self.view_steps:
+            img = step(img)
+        return to_chw_uint8(img), drawn
 
 
 def random_resized_crop_box(
