@@ -135,7 +135,7 @@ def build_eval_loader(
     )
     cfg.validate()
     loader = TorchLoader(cfg, "val", 0, 1, source)
-    loader.dataset.transform = _TimmEvalGeometry(create_transform(**data_cfg, is_training=False))
+    loader.dataset.transforms = [_TimmEvalGeometry(create_transform(**data_cfg, is_training=False))]
     return loader, source
 
 
