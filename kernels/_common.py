@@ -76,6 +76,18 @@ def splits(length: int, block: int) -> list[tuple[int, int, int, bool]]:
     return out
 
 
+def positive_scale(name: str, value) -> float:
+    """A logit scale as a Python float, checked to be positive and finite: the kernels take their running maxima
+    on the unscaled dot products, which is only the maximum of the logits for a positive scale."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a positive finite float (logit scale), got {value!r}") from None
+    if not (v > 0.0 and v != float("inf")):
+        raise ValueError(f"{name} must be a positive finite float (logit scale), got {value!r}")
+    return v
+
+
 def precision(tensors, allow_tf32: bool = False) -> str:
     """tl.dot input precision: IEEE fp32 for fp32 inputs unless ``allow_tf32`` (TF32 tensor cores)."""
     if interpret():
@@ -113,17 +125,20 @@ def tile(ptr, base, idx, ok, offs_d, D, stride_r, stride_d, MASKED: tl.constexpr
 
 
 @triton.jit
-def online_step(logits, w, m, z, acc, FIXED_MAX: tl.constexpr):
-    # one tile of an online softmax-weighted sum, log2 units: z = sum 2^(l - m), acc = sum 2^(l - m) w, rescaled
-    # when the running max m grows; FIXED_MAX: m is a given LSE (no max, no rescaling)
+def online_step(raw, scale, w, m, z, acc, FIXED_MAX: tl.constexpr):
+    # one tile of an online softmax-weighted sum over logits l = scale * raw (log2 units, scale > 0): z = sum 2^(l - m),
+    # acc = sum 2^(l - m) w, rescaled when the running max m (log2 units) grows; FIXED_MAX: m is a given LSE (no max,
+    # no rescaling). The max runs on the unscaled raw values (scale > 0 keeps their order, and fp32 rounding is
+    # monotone, so scale * max(raw) equals max(scale * raw) exactly); the scale enters once per element, in the
+    # exponent's argument raw * scale - m (one FFMA)
     if FIXED_MAX:
-        e = tl.exp2(logits - m[:, None])
+        e = tl.exp2(raw * scale - m[:, None])
         z += tl.sum(e, 1)
         acc += tl.sum(e * w, 1)
     else:
-        m_new = tl.maximum(m, tl.max(logits, 1))
+        m_new = tl.maximum(m, tl.max(raw, 1) * scale)
         alpha = tl.exp2(m - m_new)
-        e = tl.exp2(logits - m_new[:, None])
+        e = tl.exp2(raw * scale - m_new[:, None])
         z = z * alpha + tl.sum(e, 1)
         acc = acc * alpha + tl.sum(e * w, 1)
         m = m_new

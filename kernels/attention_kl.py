@@ -19,6 +19,7 @@ from fastkd.kernels._common import blocks
 from fastkd.kernels._common import device_guard
 from fastkd.kernels._common import head_block
 from fastkd.kernels._common import online_step
+from fastkd.kernels._common import positive_scale
 from fastkd.kernels._common import precision
 from fastkd.kernels._common import splits
 from fastkd.kernels._common import tail_block
@@ -84,27 +85,29 @@ def _row_block(QS, QT, ROWS, offs_m, R, b, hs, ht, offs_ds, offs_dt, DS, DT,
 
 
 @triton.jit
-def _fwd_tile(qs, qt, ks, kt, scale_s, scale_t, valid, m_a, m_b, z_a, z_b, acc,
+def _fwd_tile(qs, qt, ks, kt, scale_a, scale_b, scale_ab, valid, m_a, m_b, z_a, z_b, acc,
               MASKED: tl.constexpr, HAS_LSE_A: tl.constexpr, HAS_LSE_B: tl.constexpr, REVERSE: tl.constexpr,
               PRECISION: tl.constexpr):
-    # one [M, W] tile of the online pass; logits in log2 units; valid: [W] kept keys (read only if MASKED)
-    s = tl.dot(qs, ks, input_precision=PRECISION) * scale_s
-    t = tl.dot(qt, kt, input_precision=PRECISION) * scale_t
+    # one [M, W] tile of the online pass on the *unscaled* dot products (see online_step: maxima on raw values, the
+    # log2-unit scale applied once in each exponent's argument). acc sums 2^(a - m_a) (raw_a * scale_ab - raw_b), i.e.
+    # (a - b) / scale_b, with scale_ab = scale_a / scale_b: one FFMA per element. valid: [W] kept keys (if MASKED)
+    s = tl.dot(qs, ks, input_precision=PRECISION)
+    t = tl.dot(qt, kt, input_precision=PRECISION)
     if REVERSE:
         la = s
         lb = t
     else:
         la = t
         lb = s
-    diff = la - lb
+    diff = la * scale_ab - lb
     if MASKED:
         diff = tl.where(valid[None, :], diff, 0.0)
         la = tl.where(valid[None, :], la, float("-inf"))
         lb = tl.where(valid[None, :], lb, float("-inf"))
-    m_a, z_a, acc = online_step(la, diff, m_a, z_a, acc, HAS_LSE_A)
+    m_a, z_a, acc = online_step(la, scale_a, diff, m_a, z_a, acc, HAS_LSE_A)
     if not HAS_LSE_B:
-        m_new_b = tl.maximum(m_b, tl.max(lb, 1))
-        z_b = z_b * tl.exp2(m_b - m_new_b) + tl.sum(tl.exp2(lb - m_new_b[:, None]), 1)
+        m_new_b = tl.maximum(m_b, tl.max(lb, 1) * scale_b)
+        z_b = z_b * tl.exp2(m_b - m_new_b) + tl.sum(tl.exp2(lb * scale_b - m_new_b[:, None]), 1)
         m_b = m_new_b
     return m_a, m_b, z_a, z_b, acc
 
@@ -120,12 +123,14 @@ def _attention_kl_fwd_kernel(
     stride_mb, stride_mn,  #
     stride_lab, stride_lah, stride_lan,  #
     stride_lbb, stride_lbh, stride_lbn,  #
-    N, R, P, DS, DT, scale_s, scale_t, ROW0,  #
+    N, R, P, DS, DT, scale_a, scale_b, scale_ab, ROW0,  #
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, ROW_TAIL: tl.constexpr,  #
     BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr, EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr,  #
     HAS_MASK: tl.constexpr, HAS_LSE_A: tl.constexpr, HAS_LSE_B: tl.constexpr, REVERSE: tl.constexpr,  #
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,  #
 ):
+    # scale_a, scale_b: the logit scales of the target side a and the other side b, log2 units, > 0;
+    # scale_ab = scale_a / scale_b
     pid_m = tl.program_id(0)
     pid_bp = tl.program_id(1)
     b = (pid_bp // P).to(tl.int64)
@@ -170,7 +175,7 @@ def _attention_kl_fwd_kernel(
         valid = offs_n < N
         if HAS_MASK:
             valid = _keep(MASK, b, stride_mb, stride_mn, offs_n, valid, False)
-        m_a, m_b, z_a, z_b, acc = _fwd_tile(qs, qt, ks, kt, scale_s, scale_t, valid, m_a, m_b, z_a, z_b, acc,
+        m_a, m_b, z_a, z_b, acc = _fwd_tile(qs, qt, ks, kt, scale_a, scale_b, scale_ab, valid, m_a, m_b, z_a, z_b, acc,
                                             HAS_MASK, HAS_LSE_A, HAS_LSE_B, REVERSE, PRECISION)
     if BLOCK_T > 0:  # the peeled, narrow tail tile
         offs_n = n_full + tl.arange(0, BLOCK_T)
@@ -179,7 +184,7 @@ def _attention_kl_fwd_kernel(
         kt = _tile(KT, kt_base, offs_n, key_ok, offs_dt, DT, stride_ktn, stride_ktd, True, EVEN_DT, UPCAST, True)
         if HAS_MASK:
             key_ok = _keep(MASK, b, stride_mb, stride_mn, offs_n, key_ok, True)
-        m_a, m_b, z_a, z_b, acc = _fwd_tile(qs, qt, ks, kt, scale_s, scale_t, key_ok, m_a, m_b, z_a, z_b, acc,
+        m_a, m_b, z_a, z_b, acc = _fwd_tile(qs, qt, ks, kt, scale_a, scale_b, scale_ab, key_ok, m_a, m_b, z_a, z_b, acc,
                                             True, HAS_LSE_A, HAS_LSE_B, REVERSE, PRECISION)
 
     has_keys = z_a > 0.0
@@ -190,7 +195,7 @@ def _attention_kl_fwd_kernel(
     else:
         lse_b = m_b + tl.log2(tl.where(z_b > 0.0, z_b, 1.0))
     # rows without keys: KL 0, lse = +inf on both sides (no inf - inf in the arithmetic)
-    kl = tl.where(has_keys, (acc / safe_z - lse_a + lse_b) * LN2, 0.0)
+    kl = tl.where(has_keys, (acc / safe_z * scale_b - lse_a + lse_b) * LN2, 0.0)
     lse_a = tl.where(has_keys, lse_a * LN2, float("inf"))
     lse_b = tl.where(has_keys, lse_b * LN2, float("inf"))
     out = pid_bp.to(tl.int64) * R + offs_m
@@ -527,7 +532,10 @@ def attention_kl_forward(q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, sca
 
     ``allow_tf32``: fp32 inputs use TF32 tensor-core dots instead of IEEE fp32 ones (faster, ~1e-3 relative).
     No device-to-host synchronisation: sizes come from shapes, ``pairs`` / ``rows`` are only copied to the device.
+    ``scale_s``, ``scale_t`` must be positive (ValueError otherwise): the kernel's running maxima are taken on the
+    unscaled dot products.
     """
+    scale_s, scale_t = positive_scale("scale_s", scale_s), positive_scale("scale_t", scale_t)
     B, _, N, DS = q_s.shape
     DT = q_t.shape[-1]
     P, R = pairs.shape[0], rows.numel()
@@ -541,6 +549,7 @@ def attention_kl_forward(q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, sca
     rows32 = rows.to(device=dev, dtype=torch.int32, non_blocking=True).contiguous()
     mask, smb, smn, has_mask = _mask_args(key_mask, pairs32)
     lse_a, lse_b = (lse_s, lse_t) if reverse else (lse_t, lse_s)
+    scale_a, scale_b = (scale_s, scale_t) if reverse else (scale_t, scale_s)
     la = lse_a if lse_a is not None else kl
     lb = lse_b if lse_b is not None else kl
     la_strides = la.stride() if lse_a is not None else (0, 0, 0)
@@ -554,7 +563,7 @@ def attention_kl_forward(q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale_s, sca
                 kl, out_s, out_t,
                 *_strides4(q_s), *_strides4(k_s), *_strides4(q_t), *_strides4(k_t),
                 smb, smn, *la_strides, *lb_strides,
-                N, R, P, DS, DT, float(scale_s) * LOG2E, float(scale_t) * LOG2E, row0,
+                N, R, P, DS, DT, scale_a * LOG2E, scale_b * LOG2E, scale_a / scale_b, row0,
                 BLOCK_M=bm, BLOCK_N=BLOCK_N, BLOCK_T=tail_block(N, BLOCK_N), ROW_TAIL=tail,
                 BLOCK_DS=head_block(DS), BLOCK_DT=head_block(DT), EVEN_DS=head_block(DS) == DS,
                 EVEN_DT=head_block(DT) == DT, HAS_MASK=has_mask, HAS_LSE_A=lse_a is not None,

@@ -19,6 +19,7 @@ from fastkd.kernels._common import blocks
 from fastkd.kernels._common import device_guard
 from fastkd.kernels._common import head_block
 from fastkd.kernels._common import online_step
+from fastkd.kernels._common import positive_scale
 from fastkd.kernels._common import precision
 from fastkd.kernels._common import splits
 from fastkd.kernels._common import tail_block
@@ -34,7 +35,9 @@ from fastkd.kernels._common import warps_for
 # Both in one online pass over key blocks: a running max m, Z = sum e^(s - m) and A = sum e^(s - m) w_j
 # (w = |dP| or s), rescaled by e^(m_old - m_new) when m grows; a = A / Z, H = m + ln Z - A / Z. A given LSE
 # fixes m = lse (no rescaling). Inside the kernel logits and LSEs are in log2 units (log2(e) folded into the
-# scale, bare ex2); the main loop runs over full tiles without masks, the partial last tile is peeled and narrow.
+# scale, bare ex2; running maxima on the unscaled dot products, the scale applied once in each exponent's
+# argument, so the scale must be positive); the main loop runs over full tiles without masks, the partial last
+# tile is peeled and narrow.
 # Per-row results go to a [B*H, N] fp32 buffer; the per-head sums / means are a tiny torch reduction
 # (deterministic, no atomics).
 # ---------------------------------------------------------------------------------------------------------
@@ -51,16 +54,16 @@ def _hi_tile(q, do, K, V, k_base, v_base, start_n, N, D, DV, stride_kn, stride_k
     offs_n = start_n + tl.arange(0, WIDTH)
     key_ok = offs_n < N
     kt = _tile(K, k_base, offs_n, key_ok, offs_d, D, stride_kn, stride_kd, MASKED, EVEN_D, UPCAST, True)
-    s = tl.dot(q, kt, input_precision=PRECISION) * scale  # log2 units
+    s = tl.dot(q, kt, input_precision=PRECISION)  # unscaled: online_step applies the (log2-unit) scale
     if SCORE == 0:
         vt = _tile(V, v_base, offs_n, key_ok, offs_dv, DV, stride_vn, stride_vd, MASKED, EVEN_D, UPCAST, True)
         w = tl.abs(tl.dot(do, vt, input_precision=PRECISION))
     else:
-        w = s
+        w = s  # entropy: the sum of P * raw, scaled once per row at the end
     if MASKED:
         w = tl.where(key_ok[None, :], w, 0.0)
         s = tl.where(key_ok[None, :], s, float("-inf"))
-    return online_step(s, w, m_i, z_i, a_i, HAS_LSE)
+    return online_step(s, scale, w, m_i, z_i, a_i, HAS_LSE)
 
 
 @triton.jit
@@ -113,7 +116,7 @@ def _head_importance_kernel(
     if SCORE == 0:
         res = a_i / safe_z
     else:
-        res = (m_i + tl.log2(safe_z) - a_i / safe_z) * LN2
+        res = (m_i + tl.log2(safe_z) - a_i / safe_z * scale) * LN2
     tl.store(OUT + pid_bh.to(tl.int64) * N + offs_m, res, mask=row_ok)
 
 
@@ -121,6 +124,7 @@ def _head_importance_kernel(
 
 
 def _launch(score: int, q, k, v, do, lse, scale: float) -> torch.Tensor:
+    scale = positive_scale("scale", scale)  # the kernel's maxima run on unscaled dot products
     B, H, N, D = q.shape
     out = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
     if B * H * N == 0:
@@ -138,7 +142,7 @@ def _launch(score: int, q, k, v, do, lse, scale: float) -> torch.Tensor:
                 q, k, v_, do_, lse_, out,
                 *q.stride(), *k.stride(), *v_.stride(), *do_.stride(),
                 *(lse_.stride() if has_lse else (0, 0, 0)),
-                H, N, D, DV, float(scale) * LOG2E, row0,
+                H, N, D, DV, scale * LOG2E, row0,
                 BLOCK_M=bm, BLOCK_N=BLOCK_N, BLOCK_T=tail_block(N, BLOCK_N), ROW_TAIL=tail,
                 BLOCK_D=head_block(D), BLOCK_DV=head_block(DV), EVEN_D=head_block(D) == D and head_block(DV) == DV,
                 SCORE=score, HAS_LSE=has_lse, UPCAST=upcast, PRECISION=precision((q, k, v_, do_), False),
