@@ -209,3 +209,69 @@ def test_default_backward_is_bit_identical_across_runs(dtype, pairs, rows):
     want = oracle(inputs, pairs=pairs, rows=None if rows is None else torch.tensor(rows))
     for name, a, e in zip(("dq_s", "dk_s"), first[1:], want[1:3]):
         assert_close_rel(a.cpu(), e, tol(dtype, 151 * 16), f"ordered {name} {dtype}")
+
+
+# The kernels take their running maxima on the unscaled dot products and apply the (log2-folded) scale once, in the
+# exponent's argument: that is only the maximum of the logits for a positive scale, so the launchers refuse others.
+BAD_SCALES = [0.0, -0.125, float("nan"), float("inf"), "x"]
+
+
+@pytest.mark.parametrize("value", BAD_SCALES, ids=repr)
+@pytest.mark.parametrize("name", ["scale_s", "scale_t"])
+def test_attention_kl_launchers_reject_non_positive_scales(name, value):
+    q_s, k_s, q_t, k_t = make_inputs(1, 1, 1, 5, 16, 16, seed=5)
+    scales = {"scale_s": 0.25, "scale_t": 0.25, name: value}
+    with pytest.raises(ValueError, match=f"{name} must be a positive finite float"):
+        K.attention_kl_forward(q_s, k_s, q_t, k_t, torch.tensor([[0, 0]]), torch.arange(5), None,
+                               scales["scale_s"], scales["scale_t"], False, None, None)
+
+
+@pytest.mark.parametrize("value", BAD_SCALES, ids=repr)
+@pytest.mark.parametrize("score", ["attribution", "entropy"])
+def test_head_importance_launchers_reject_non_positive_scales(score, value):
+    from fastkd.kernels import head_importance as HI
+
+    q, k, v, do = make_inputs(1, 2, 2, 5, 16, 16, seed=6)
+    with pytest.raises(ValueError, match="scale must be a positive finite float"):
+        if score == "attribution":
+            HI.attribution_rows(q, k, v, do, value)
+        else:
+            HI.entropy_rows(q, k, value)
+
+
+@pytest.mark.parametrize("given", ["", "st"])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_unequal_scales_far_from_one(direction, given):
+    """Student and teacher scales 40x apart (a sharp student, a flat teacher: scale_a / scale_b far from 1 either
+    way round), with tails in rows and keys, given LSEs or not: values and gradients against the fp64 oracle."""
+    inputs = make_inputs(2, 2, 2, 83, 16, 24, seed=107)
+    q_s, k_s, q_t, k_t = inputs
+    scale_s, scale_t = 0.9, 0.9 / 40
+    kw = {}
+    if given:
+        kw = {"lse_s": _lse(q_s, k_s, scale_s).float(), "lse_t": _lse(q_t, k_t, scale_t).float()}
+    check("triton", inputs, direction=direction, scale_s=scale_s, scale_t=scale_t, **kw)
+
+
+@pytest.mark.parametrize("with_lse", [False, True])
+@pytest.mark.parametrize("scale", [0.9, 0.01])
+def test_head_importance_scales_against_fp64(scale, with_lse):
+    """Attribution and entropy rows at a sharp and a flat scale, with tails in rows and keys (N=83): the scale is
+    applied after the running max and, for the entropy, once per row at the end. Reference written here in fp64."""
+    from fastkd.kernels import head_importance as HI
+
+    q, k, v, do = make_inputs(2, 3, 3, 83, 24, 24, seed=109)
+    logits = (q.double() @ k.double().transpose(-1, -2)) * scale
+    lse = torch.logsumexp(logits, -1)
+    p = torch.softmax(logits, -1)
+    dp = do.double() @ v.double().transpose(-1, -2)
+    want_attr = (p * dp).abs().sum(-1)
+    want_ent = -(p * torch.log_softmax(logits, -1)).sum(-1)
+    given = lse.float() if with_lse else None
+    depth = 83 * 24
+    got_attr = HI.attribution_rows(q, k, v, do, scale, given)
+    assert_close_rel(got_attr, want_attr, tol(torch.float32, depth), "attribution")
+    got_ent = HI.entropy_rows(q, k, scale, given)
+    # the entropy is lse - sum p s: a difference of terms of size |lse| + sum p |s|
+    mag = lse.abs() + (p * logits.abs()).sum(-1)
+    assert_close_rel(got_ent, want_ent, tol(torch.float32, depth), "entropy", scale=mag)
