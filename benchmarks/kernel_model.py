@@ -56,6 +56,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the checkout this script belongs to, ahead of any installed fastkd (an editable install of another worktree would
+# otherwise be the one compiled, while the CSV is stamped with this checkout's commit)
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 import _common as C  # noqa: E402
 
 # Hardware constants. Sources:
