@@ -314,16 +314,21 @@ def _attention_kl_bwd_dq_kernel(
 def _ds_tile(QS, QT, ROWS, LSE_S, LSE_T, KL, GRAD, qs_base, qt_base, row0, bp, R, DS, DT,
              stride_qsn, stride_qsd, stride_qtn, stride_qtd, scale_s, scale_t, ks, kt, key_ok, offs_ds, offs_dt,
              WIDTH: tl.constexpr, ROWS_MASKED: tl.constexpr, KEYS_MASKED: tl.constexpr, EVEN_DS: tl.constexpr,
-             EVEN_DT: tl.constexpr, REVERSE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+             EVEN_DT: tl.constexpr, REVERSE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+             ROWS32: tl.constexpr):
     # dS of one [WIDTH rows, keys] tile (in the dtype of q_s, ready for the tensor cores), with the rows' q_s tile,
-    # positions (offs_m, into ROWS), indices and in-range flags. ks, kt: the keys, transposed [d, keys]
+    # positions (offs_m, into ROWS), indices and in-range flags. ks, kt: the keys, transposed [d, keys].
+    # ROWS32: row offsets (row index x row stride) fit in int32 (checked by the launcher): 32-bit address
+    # arithmetic for the gathered rows in the loop, else 64-bit
     MASKED: tl.constexpr = ROWS_MASKED or KEYS_MASKED
     offs_m = row0 + tl.arange(0, WIDTH)
     row_ok = offs_m < R
     if ROWS_MASKED:
-        rows = tl.load(ROWS + offs_m, mask=row_ok, other=0).to(tl.int64)
+        rows = tl.load(ROWS + offs_m, mask=row_ok, other=0)
     else:
-        rows = tl.load(ROWS + offs_m).to(tl.int64)
+        rows = tl.load(ROWS + offs_m)
+    if not ROWS32:
+        rows = rows.to(tl.int64)
     qs = _tile(QS, qs_base, rows, row_ok, offs_ds, DS, stride_qsn, stride_qsd, ROWS_MASKED, EVEN_DS, UPCAST, False)
     qt = _tile(QT, qt_base, rows, row_ok, offs_dt, DT, stride_qtn, stride_qtd, ROWS_MASKED, EVEN_DT, UPCAST, False)
     lse_s, lse_t, g, kl = _row_stats(LSE_S, LSE_T, KL, GRAD, bp * R + offs_m, row_ok, scale_s, ROWS_MASKED,
@@ -348,7 +353,7 @@ def _attention_kl_bwd_dk_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, OWN_TAIL: tl.constexpr,  #
     BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr, EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr,  #
     HAS_MASK: tl.constexpr, REVERSE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,  #
-    DIRECT: tl.constexpr,  #
+    DIRECT: tl.constexpr, ROWS32: tl.constexpr,  #
 ):
     # the two-kernel backward's dK (fused=False): one program per (key block, batch x pair); streams over row
     # tiles (BLOCK_M, tail BLOCK_T); recomputes both softmaxes, as the dQ kernel does
@@ -363,7 +368,8 @@ def _attention_kl_bwd_dk_kernel(
                stride_qsb, stride_qsh, stride_qsn, stride_qsd, stride_ksb, stride_ksh, stride_ksn, stride_ksd,
                stride_qtb, stride_qth, stride_qtn, stride_qtd, stride_ktb, stride_kth, stride_ktn, stride_ktd,
                stride_mb, stride_mn, N, R, DS, DT, scale_s, scale_t, BLOCK_N, OWN_TAIL, BLOCK_M, BLOCK_T,
-               BLOCK_DS, BLOCK_DT, EVEN_DS, EVEN_DT, HAS_MASK, REVERSE, UPCAST, PRECISION, DIRECT, False, False)
+               BLOCK_DS, BLOCK_DT, EVEN_DS, EVEN_DT, HAS_MASK, REVERSE, UPCAST, PRECISION, DIRECT, False, False,
+               ROWS32)
 
 
 # The fused backward: one program per (key block j, batch x pair), j on grid axis 0. It loads its keys once, keeps
@@ -412,7 +418,7 @@ def _key_block(QS, KS, QT, KT, ROWS, MASK, LSE_S, LSE_T, KL, GRAD, DK, DQ, SCRAT
                WIDTH: tl.constexpr, KEY_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_TR: tl.constexpr,
                BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr, EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr,
                HAS_MASK: tl.constexpr, REVERSE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-               DIRECT: tl.constexpr, WITH_DQ: tl.constexpr, ATOMIC: tl.constexpr):
+               DIRECT: tl.constexpr, WITH_DQ: tl.constexpr, ATOMIC: tl.constexpr, ROWS32: tl.constexpr):
     # the backward of one key block: dK_j stored at the end; WITH_DQ (the fused kernel): the dQ contributions are
     # added row block by row block (_dq_add), else (the two-kernel dK) they are left to the dQ kernel
     offs_n = key0 + tl.arange(0, WIDTH)
@@ -442,7 +448,7 @@ def _key_block(QS, KS, QT, KT, ROWS, MASK, LSE_S, LSE_T, KL, GRAD, DK, DQ, SCRAT
         ds, qs, offs_m, rows, row_ok = _ds_tile(
             QS, QT, ROWS, LSE_S, LSE_T, KL, GRAD, qs_base, qt_base, start_m, bp, R, DS, DT, stride_qsn, stride_qsd,
             stride_qtn, stride_qtd, scale_s, scale_t, ks, kt, key_ok, offs_ds, offs_dt, BLOCK_M, False, KEYS_MASKED,
-            EVEN_DS, EVEN_DT, REVERSE, UPCAST, PRECISION)
+            EVEN_DS, EVEN_DT, REVERSE, UPCAST, PRECISION, ROWS32)
         dk += tl.dot(tl.trans(ds), qs, input_precision=PRECISION)
         if WITH_DQ:
             dq = tl.dot(ds, tl.trans(ks), input_precision=PRECISION)
@@ -454,7 +460,7 @@ def _key_block(QS, KS, QT, KT, ROWS, MASK, LSE_S, LSE_T, KL, GRAD, DK, DQ, SCRAT
         ds, qs, offs_m, rows, row_ok = _ds_tile(
             QS, QT, ROWS, LSE_S, LSE_T, KL, GRAD, qs_base, qt_base, r_full, bp, R, DS, DT, stride_qsn, stride_qsd,
             stride_qtn, stride_qtd, scale_s, scale_t, ks, kt, key_ok, offs_ds, offs_dt, BLOCK_TR, True, KEYS_MASKED,
-            EVEN_DS, EVEN_DT, REVERSE, UPCAST, PRECISION)
+            EVEN_DS, EVEN_DT, REVERSE, UPCAST, PRECISION, ROWS32)
         dk += tl.dot(tl.trans(ds), qs, input_precision=PRECISION)
         if WITH_DQ:
             dq = tl.dot(ds, tl.trans(ks), input_precision=PRECISION)
@@ -483,7 +489,7 @@ def _attention_kl_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_TR: tl.constexpr,  #
     BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr, EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr,  #
     HAS_MASK: tl.constexpr, REVERSE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,  #
-    DIRECT: tl.constexpr, ATOMIC: tl.constexpr,  #
+    DIRECT: tl.constexpr, ATOMIC: tl.constexpr, ROWS32: tl.constexpr,  #
 ):
     # the fused backward (see the comment above _dq_add): program (j, batch x pair); scale_s, scale_t in log2 units
     j = tl.program_id(0)
@@ -503,13 +509,13 @@ def _attention_kl_bwd_kernel(
     if BLOCK_T > 0:
         if j == n_full:  # the narrow remainder key block
             _key_block(*args, BLOCK_T, True, BLOCK_M, BLOCK_TR, BLOCK_DS, BLOCK_DT, EVEN_DS, EVEN_DT,
-                             HAS_MASK, REVERSE, UPCAST, PRECISION, DIRECT, True, ATOMIC)
+                             HAS_MASK, REVERSE, UPCAST, PRECISION, DIRECT, True, ATOMIC, ROWS32)
         else:
             _key_block(*args, BLOCK_N, False, BLOCK_M, BLOCK_TR, BLOCK_DS, BLOCK_DT, EVEN_DS, EVEN_DT,
-                             HAS_MASK, REVERSE, UPCAST, PRECISION, DIRECT, True, ATOMIC)
+                             HAS_MASK, REVERSE, UPCAST, PRECISION, DIRECT, True, ATOMIC, ROWS32)
     else:
         _key_block(*args, BLOCK_N, False, BLOCK_M, BLOCK_TR, BLOCK_DS, BLOCK_DT, EVEN_DS, EVEN_DT,
-                         HAS_MASK, REVERSE, UPCAST, PRECISION, DIRECT, True, ATOMIC)
+                         HAS_MASK, REVERSE, UPCAST, PRECISION, DIRECT, True, ATOMIC, ROWS32)
 
 
 # ------------------------------------------------------------------------------------------------- launchers
@@ -517,6 +523,15 @@ def _attention_kl_bwd_kernel(
 
 def _strides4(x: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(x.stride())  # type: ignore[return-value]
+
+
+INT32_OFFSETS = 2**31  # row offsets below this bound use 32-bit address arithmetic in the backward's row loops
+
+
+def row_offsets_fit_int32(N: int, *tensors: torch.Tensor) -> bool:
+    """Whether every element offset ``row * stride(-2) + col * stride(-1)`` within one (batch, head) slice of these
+    ``[..., N, d]`` tensors (head dim padded to its block) stays below ``INT32_OFFSETS``: host shapes only."""
+    return all(N * t.stride(-2) + head_block(t.shape[-1]) * t.stride(-1) < INT32_OFFSETS for t in tensors)
 
 
 def _mask_args(key_mask: torch.Tensor | None, like: torch.Tensor):
@@ -633,6 +648,7 @@ def attention_kl_backward(grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale
         grad = grad.to(torch.float32).contiguous()
         upcast = upcast_inputs(q_s, q_t)
         BLOCK_M, BLOCK_N = blocks(R, N, fp32=upcast, fused=fused)
+        rows32_ok = row_offsets_fit_int32(N, q_s, q_t, *((dq_out,) if direct else ()))
         common = dict(
             BLOCK_DS=head_block(DS), BLOCK_DT=head_block(DT), EVEN_DS=head_block(DS) == DS,
             EVEN_DT=head_block(DT) == DT, HAS_MASK=has_mask, REVERSE=bool(reverse),
@@ -654,7 +670,7 @@ def attention_kl_backward(grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale
                     q_s, k_s, q_t, k_t, pairs32, rows32, mask, lse_s_rows, lse_t_rows, kl, grad, dk_out, dq_out,
                     scratch, tickets, *_strides4(dk_out), *_strides4(dq_out), *args, BLOCK_M=BLOCK_M,
                     BLOCK_N=BLOCK_N, BLOCK_T=tail_block(N, BLOCK_N), BLOCK_TR=tail_block(R, BLOCK_M), ATOMIC=atomic,
-                    **common,
+                    ROWS32=rows32_ok, **common,
                 )  # fmt: skip
             else:
                 for row0, programs, bm, tail in splits(R, BLOCK_M):
@@ -667,7 +683,7 @@ def attention_kl_backward(grad, q_s, k_s, q_t, k_t, pairs, rows, key_mask, scale
                     _attention_kl_bwd_dk_kernel[(programs, B * P)](
                         q_s, k_s, q_t, k_t, pairs32, rows32, mask, lse_s_rows, lse_t_rows, kl, grad, dk_out,
                         *_strides4(dk_out), *args, key0, BLOCK_M=BLOCK_M, BLOCK_N=bn,
-                        BLOCK_T=tail_block(R, BLOCK_M), OWN_TAIL=tail, **common,
+                        BLOCK_T=tail_block(R, BLOCK_M), OWN_TAIL=tail, ROWS32=rows32_ok, **common,
                     )  # fmt: skip
     if direct:
         return dq.to(q_s.dtype), dk

@@ -275,3 +275,34 @@ def test_head_importance_scales_against_fp64(scale, with_lse):
     # the entropy is lse - sum p s: a difference of terms of size |lse| + sum p |s|
     mag = lse.abs() + (p * logits.abs()).sum(-1)
     assert_close_rel(got_ent, want_ent, tol(torch.float32, depth), "entropy", scale=mag)
+
+
+def test_row_offsets_fit_int32_from_host_shapes():
+    """The backward's 32-bit row addressing is chosen from shapes and strides alone (meta tensors: no memory)."""
+    def view(stride_n, d=16):
+        return torch.empty_strided((1, 1, 3, d), (0, 0, stride_n, 1), device="meta")
+
+    assert K.row_offsets_fit_int32(3, view(2**28))
+    assert not K.row_offsets_fit_int32(3, view(2**30))
+    assert not K.row_offsets_fit_int32(3, view(8), view(2**30))  # any tensor over the bound decides
+    assert not K.row_offsets_fit_int32(2**27, view(16))  # N * stride + d = 2^31 + 16
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("case", ["N197-repeated-heads-rows-mask", "N17-mask-reverse"])
+def test_backward_with_64bit_row_offsets(monkeypatch, case, variant):
+    """The 64-bit row addressing (tensors whose row offsets overflow int32; forced here by lowering the bound)
+    gives the fp64 oracle's gradients too, in every backward schedule."""
+    monkeypatch.setattr(K, "INT32_OFFSETS", 0)
+    B, H_s, H_t, N, d_s, d_t, pairs, rows, masked, direction, _ = next(
+        c.values for c in FUSED_CASES if c.id == case)
+    inputs = make_inputs(B, H_s, H_t, N, d_s, d_t, seed=N + 7)
+    mask = None
+    if masked:
+        mask = torch.rand(B, N, generator=torch.Generator().manual_seed(N)) > 0.3
+        mask[:, 0] = True
+    kw = dict(pairs=pairs, rows=rows, key_mask=mask, direction=direction)
+    got = _backward(inputs, **kw, **VARIANTS[variant])
+    want = oracle(inputs, **{**kw, "rows": None if rows is None else torch.tensor(rows)})
+    for name, a, e in zip(("dq_s", "dk_s"), got[1:], want[1:3]):
+        assert_close_rel(a, e, tol(torch.float32, N * max(d_s, d_t)), f"{variant} {name}")
