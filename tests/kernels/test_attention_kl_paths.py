@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastkd.kernels import attention_kl as K
 from tests.kernels.test_attention_kl import DTYPES
+from tests.kernels.test_attention_kl import TRITON_DEVICE
 from tests.kernels.test_attention_kl import check
 from tests.kernels.test_attention_kl import make_inputs
 from tests.kernels.test_attention_kl import oracle
@@ -267,7 +268,9 @@ def test_head_importance_scales_against_fp64(scale, with_lse):
     dp = do.double() @ v.double().transpose(-1, -2)
     want_attr = (p * dp).abs().sum(-1)
     want_ent = -(p * torch.log_softmax(logits, -1)).sum(-1)
-    given = lse.float() if with_lse else None
+    dev = TRITON_DEVICE  # compiled on a GPU, interpreted on CPUs
+    q, k, v, do = (x.to(dev) for x in (q, k, v, do))
+    given = lse.float().to(dev) if with_lse else None
     depth = 83 * 24
     got_attr = HI.attribution_rows(q, k, v, do, scale, given)
     assert_close_rel(got_attr, want_attr, tol(torch.float32, depth), "attribution")
