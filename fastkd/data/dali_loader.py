@@ -326,7 +326,7 @@ def _view_colour(view, draws, cfg: DataConfig, index: int):
     """The self-supervised view augmentation of view ``index`` on a DALI batch of uint8 HWC images, with every
     choice read from ``draws`` (see :func:`draw_view_colour`): colour jitter (its four operations in the drawn
     order; contrast blends with the grey mean as PIL does: ``auto_aug``'s ``contrast``), grayscale, Gaussian
-    blur, solarize at 128. DALI's ``hue`` rotates the chroma in YIQ space (PIL shifts the HSV hue)."""
+    blur, solarize at 128; the hue shift is PIL's 8-bit HSV one (:func:`_hsv_hue_shift`)."""
     from nvidia.dali import fn
     from nvidia.dali import types
     from nvidia.dali.auto_aug import augmentations as a
@@ -341,8 +341,8 @@ def _view_colour(view, draws, cfg: DataConfig, index: int):
                     view = a.contrast.op(view, draws[6])
                 elif op < 2.5:
                     view = fn.saturation(view, saturation=draws[7])
-                else:
-                    view = fn.hue(view, hue=draws[8] * 360.0)
+                elif cfg.color_jitter[3] > 0:  # as torchvision: no hue strength, no HSV round trip (not lossless)
+                    view = _hsv_hue_shift(view, draws[8])
     if cfg.grayscale > 0:
         if draws[9] > 0.5:
             gray = fn.color_space_conversion(view, image_type=types.RGB, output_type=types.GRAY)
@@ -354,6 +354,62 @@ def _view_colour(view, draws, cfg: DataConfig, index: int):
         if draws[11] > 0.5:
             view = a.solarize.op(view, types.Constant(SOLARIZE_THRESHOLD, dtype=types.UINT8))
     return view
+
+
+def _hsv_hue_shift(view, hue):
+    """torchvision's ``adjust_hue`` on a PIL image, on a DALI batch of uint8 RGB HWC images (CPU or GPU), written
+    in DALI arithmetic; ``hue``: the per-sample shift in turns, in [-0.5, 0.5].
+
+    torchvision converts the image to PIL's 8-bit HSV, adds ``int(255 * hue)`` to the uint8 hue channel (wrapping
+    modulo 256) and converts back. Both conversions are PIL's (``Convert.c``), step for step in the same float32 /
+    float64 precision, so that the truncated hue and saturation bytes are PIL's own: one hue byte more moves an
+    output value by up to 6 levels. RGB -> HSV: ``v = max``, ``s = int(255 * chroma / v)``, hue from the channel
+    holding the maximum, ``int(255 * (h / 6 + 1 mod 1))``. HSV -> RGB: sector ``i = floor(6 h / 255)``, fraction
+    ``f``, channels ``v``, ``p = v (1 - s)``, ``q = v (1 - s f)``, ``t = v (1 - s (1 - f))`` rounded half up.
+    DALI's own ``hue`` operator rotates the chroma in YIQ space instead."""
+    from nvidia.dali import fn
+    from nvidia.dali import math as dmath
+    from nvidia.dali import types
+
+    def f32(x):
+        return fn.cast(x, dtype=types.FLOAT)
+
+    def f64(x):
+        return fn.cast(x, dtype=types.FLOAT64)
+
+    x = f32(view)
+    r, g, b = x[:, :, 0], x[:, :, 1], x[:, :, 2]
+    v = dmath.max(r, dmath.max(g, b))
+    chroma = v - dmath.min(r, dmath.min(g, b))
+    grey = chroma == 0  # hue and saturation 0; the divisions below then divide 0 by 1
+    c = chroma + grey
+    rc, gc, bc = (v - r) / c, (v - g) / c, (v - b) / c
+    # which channel holds the maximum (red first, then green, as PIL tests them)
+    at_r, at_g = r == v, (g == v) & (r != v)
+    at_b = (r != v) & (g != v)
+    h6 = (bc - gc) * at_r + f32(2.0 + f64(rc) - f64(bc)) * at_g + f32(4.0 + f64(gc) - f64(rc)) * at_b
+    turns = f64(h6) / 6.0 + 1.0
+    turns = f32(turns - (turns >= 1.0))  # fmod(., 1)
+    hue_byte = dmath.floor(f64(turns) * 255.0)
+    sat_byte = dmath.floor(f64(chroma / (v + grey)) * 255.0)
+    # torchvision: int(255 * hue), truncated towards 0, added to the uint8 channel modulo 256
+    scaled = f64(hue) * 255.0
+    shift = dmath.floor(dmath.abs(scaled)) * (1.0 - 2.0 * (scaled < 0))
+    hue_byte = hue_byte + shift
+    hue_byte = hue_byte + 256.0 * (hue_byte < 0) - 256.0 * (hue_byte >= 256)
+    sector6 = hue_byte * 6.0 / 255.0
+    i = dmath.floor(sector6)
+    frac = f32(sector6 - i)
+    fs = f32(sat_byte / 255.0)
+    v64 = f64(v)
+    p = dmath.floor(v64 * (1.0 - f64(fs)) + 0.5)
+    q = dmath.floor(v64 * (1.0 - f64(fs * frac)) + 0.5)
+    t = dmath.floor(v64 * (1.0 - f64(fs) * (1.0 - f64(frac))) + 0.5)
+    s0, s1, s2, s3, s4, s5 = ((i == 0) | (i == 6)), i == 1, i == 2, i == 3, i == 4, i == 5
+    red = v64 * (s0 | s5) + q * s1 + p * (s2 | s3) + t * s4
+    green = t * s0 + v64 * (s1 | s2) + q * s3 + p * (s4 | s5)
+    blue = p * (s0 | s1) + t * s2 + v64 * (s3 | s4) + q * s5
+    return fn.cast(fn.stack(red, green, blue, axis=2, axis_name="C"), dtype=types.UINT8)
 
 
 class _Feeder:
