@@ -65,7 +65,8 @@ class DataConfig:
         randaugment: Number of RandAugment operations per image (timm's ``n``); 0 turns RandAugment off.
             The policy is timm's ``rand-m<M>-mstd<S>-inc<0|1>`` (DeiT: ``rand-m9-mstd0.5-inc1``): each
             of the ``n`` operations is drawn uniformly (with replacement) from timm's 15 operations and
-            applied with probability 0.5. torch backend: timm's own ``rand_augment_transform``; DALI:
+            applied with probability 0.5. torch backend: timm's own ``rand_augment_transform`` (its posterize
+            taking 0 bits, which ``inc1`` asks for at magnitude 10 and Pillow refuses, as a black image); DALI:
             the same operations, arguments and draws, built from ``nvidia.dali.auto_aug`` blocks.
         randaugment_magnitude: timm's magnitude ``M`` on its 0..10 scale (10 = strongest).
         randaugment_mstd: timm's ``mstd``: each operation's magnitude is drawn from
