@@ -151,6 +151,8 @@ def test_dali_view_operations_equal_torchvision():
         (_jitter(("contrast", "brightness", "saturation", "hue"), brightness=1.3, contrast=0.6, saturation=1.1),
          lambda p: F.adjust_saturation(F.adjust_brightness(F.adjust_contrast(p, 0.6), 1.3), 1.1),
          [bc[1], bc[0], bc[2]]),
+        (_jitter(("saturation", "brightness", "contrast", "hue"), brightness=2.0), lambda p: F.adjust_brightness(p, 2.0),
+         []),  # doubling integers, clipped at 255: exact on both backends
         (_draw(grayscale=1), lambda p: F.rgb_to_grayscale(p, 3), [("gray", 1.0)]),
         (_draw(blur_sigma=1.3), lambda p: F.gaussian_blur(p, [13, 13], [1.3, 1.3]), [("blur", 1.0)]),
         (_draw(blur_sigma=0.1), lambda p: F.gaussian_blur(p, [13, 13], [0.1, 0.1]), [("blur", 1.0)]),
@@ -197,7 +199,7 @@ def test_dali_hue_is_torchvisions_hsv_shift():
     """The DALI hue shift against torchvision's ``adjust_hue`` on the PIL image (what ColorJitter runs on the
     torch backend: PIL's 8-bit HSV, the uint8 hue channel shifted by int(255 h) modulo 256, even for h = 0), for
     shifts of either sign up to +-0.5, on grey, saturated, near-grey, random and photographic pixels; and the
-    hue shift followed by the other three operations.
+    hue shift at each position of the drawn order, with operations before and after it.
 
     Bound: the DALI path reproduces PIL's hue and saturation bytes (one hue byte off would move a value by up to
     6 levels), so what is left is the final rounding of each value to 8 bits: one level (then the blends of
@@ -210,13 +212,29 @@ def test_dali_hue_is_torchvisions_hsv_shift():
     shifts = [0.0, 0.07, -0.07, 0.1, -0.1, *rng.uniform(-0.5, 0.5, 3), 0.4999, -0.4999, 0.5, -0.5]
     shifts = [float(np.float32(h)) for h in shifts]  # the value the graph receives (a float32 draw)
     cases = [(_jitter(order, hue=h), lambda p, h=h: F.adjust_hue(p, h), [("hue", 1.0)]) for h in shifts]
-    h = shifts[5]
+    turn = 0.25
+    # the hue shift at every position of the drawn order, the other operations the identity
+    for k in (1, 2, 3):
+        at_k = order[1:k + 1] + ("hue",) + order[k + 1:]
+        cases.append((_jitter(at_k, hue=turn), lambda p: F.adjust_hue(p, turn), [("hue", 1.0)]))
+    # operations before and after it, in the drawn order. Before: brightness 2 doubles integers (clipped at 255)
+    # on both backends, so the hue shift starts from the same pixels (see the exact case in
+    # test_dali_view_operations_equal_torchvision); an operation rounding differently before it could move a
+    # near-grey pixel's hue anywhere. After: any operation (the blend bounds of _rounding_bound).
     bcs = [("brightness", 1.3), ("contrast", 0.6), ("saturation", 1.1)]
-    cases.append((
-        _jitter(order, hue=h, brightness=1.3, contrast=0.6, saturation=1.1),
-        lambda p: F.adjust_saturation(F.adjust_contrast(F.adjust_brightness(F.adjust_hue(p, h), 1.3), 0.6), 1.1),
-        [("hue", 1.0), *bcs],
-    ))  # fmt: skip
+    cases += [
+        (_jitter(order, hue=turn, brightness=1.3, contrast=0.6, saturation=1.1),
+         lambda p: F.adjust_saturation(F.adjust_contrast(F.adjust_brightness(F.adjust_hue(p, turn), 1.3), 0.6), 1.1),
+         [("hue", 1.0), *bcs]),
+        (_jitter(("brightness", "hue", "saturation", "contrast"), hue=turn, brightness=2.0, saturation=0.5),
+         lambda p: F.adjust_saturation(F.adjust_hue(F.adjust_brightness(p, 2.0), turn), 0.5),
+         [("hue", 1.0), ("saturation", 0.5)]),
+        (_jitter(("contrast", "brightness", "hue", "saturation"), hue=turn, brightness=2.0, saturation=0.5),
+         lambda p: F.adjust_saturation(F.adjust_hue(F.adjust_brightness(p, 2.0), turn), 0.5),
+         [("hue", 1.0), ("saturation", 0.5)]),
+        (_jitter(("saturation", "contrast", "brightness", "hue"), hue=turn, brightness=2.0),
+         lambda p: F.adjust_hue(F.adjust_brightness(p, 2.0), turn), [("hue", 1.0)]),
+    ]  # fmt: skip
     outs = _dali_views(image, [draw for draw, _, _ in cases])
     pil = Image.fromarray(image)
     for (draw, fn, steps), got in zip(cases, outs):
@@ -226,6 +244,10 @@ def test_dali_hue_is_torchvisions_hsv_shift():
         assert np.abs(got[6:10] - image[6:10]).max() < 1e-3, h  # greys keep their value
         if abs(h) >= 0.07:  # and the shift does something to the saturated colours
             assert np.abs(got[10:14] - image[10:14]).max() >= 50, h
+    # the order is the drawn one: saturation-then-hue is not hue-then-saturation
+    other = np.asarray(F.adjust_hue(F.adjust_saturation(F.adjust_brightness(pil, 2.0), 0.5), turn), np.float64)
+    for got in outs[-3:-1]:
+        assert np.abs(got - other).max() > _rounding_bound([("hue", 1.0), ("saturation", 0.5)])
 
 
 # ------------------------------------------------------------------------------------------------------------
