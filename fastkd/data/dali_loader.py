@@ -390,12 +390,14 @@ def _hsv_hue_shift(view, hue):
     in DALI arithmetic; ``hue``: the per-sample shift in turns, in [-0.5, 0.5].
 
     torchvision converts the image to PIL's 8-bit HSV, adds ``int(255 * hue)`` to the uint8 hue channel (wrapping
-    modulo 256) and converts back. Both conversions are PIL's (``Convert.c``), step for step in the same float32 /
-    float64 precision, so that the truncated hue and saturation bytes are PIL's own: one hue byte more moves an
-    output value by up to 6 levels. RGB -> HSV: ``v = max``, ``s = int(255 * chroma / v)``, hue from the channel
-    holding the maximum, ``int(255 * (h / 6 + 1 mod 1))``. HSV -> RGB: sector ``i = floor(6 h / 255)``, fraction
-    ``f``, channels ``v``, ``p = v (1 - s)``, ``q = v (1 - s f)``, ``t = v (1 - s (1 - f))`` rounded half up.
-    DALI's own ``hue`` operator rotates the chroma in YIQ space instead."""
+    modulo 256) and converts back, both conversions PIL's (``Convert.c``). RGB -> HSV: ``v = max``,
+    ``s = int(255 * chroma / v)``, hue from the channel holding the maximum, ``int(255 * (h / 6 + 1 mod 1))``.
+    HSV -> RGB: sector ``i = floor(6 h / 255)``, fraction ``f``, channels ``v``, ``p = v (1 - s)``,
+    ``q = v (1 - s f)``, ``t = v (1 - s (1 - f))`` rounded half up. The hue byte is PIL's own only if its float
+    steps are (one hue byte more moves an output value by up to 6 levels): the hue in sixths and its fraction of a
+    turn are computed here in PIL's float32 / float64 steps; every other step is float32, which gives PIL's bytes
+    for all 2^24 colours (and PIL's RGB for all 2^24 HSV triples). DALI's own ``hue`` operator rotates the chroma
+    in YIQ space instead."""
     from nvidia.dali import fn
     from nvidia.dali import math as dmath
     from nvidia.dali import types
@@ -412,35 +414,37 @@ def _hsv_hue_shift(view, hue):
     chroma = v - dmath.min(r, dmath.min(g, b))
     grey = chroma == 0  # hue and saturation 0; the divisions below then divide 0 by 1
     c = chroma + grey
-    rc, gc, bc = (v - r) / c, (v - g) / c, (v - b) / c
     # which channel holds the maximum (red first, then green, as PIL tests them)
     at_r, at_g = r == v, (g == v) & (r != v)
     at_b = (r != v) & (g != v)
-    h6 = (bc - gc) * at_r + f32(2.0 + f64(rc) - f64(bc)) * at_g + f32(4.0 + f64(gc) - f64(rc)) * at_b
+    # PIL's hue in sixths, base + (v - xa) / c - (v - xb) / c: red 0 + bc - gc, green 2 + rc - bc, blue 4 + gc - rc;
+    # the quotients in float32, their sum exact in float64, rounded once to float32
+    xa = b * at_r + r * at_g + g * at_b
+    xb = g * at_r + b * at_g + r * at_b
+    h6 = f32(f64((v - xa) / c) - f64((v - xb) / c) + (2.0 * at_g + 4.0 * at_b))
     turns = f64(h6) / 6.0 + 1.0
-    turns = f32(turns - (turns >= 1.0))  # fmod(., 1)
-    hue_byte = dmath.floor(f64(turns) * 255.0)
+    turns = f32(turns - (turns >= 1.0))  # fmod(., 1) in float64, then float32
+    hue_byte = dmath.floor(turns * 255.0)
     # PIL: int(255 * float32(chroma / v)), which is floor(255 chroma / v) for every 8-bit colour: a quotient of
     # integers <= 65025 is an integer or at least 1/255 away from one
     sat_byte = dmath.floor(chroma * 255.0 / (v + grey))
     # torchvision: int(255 * hue), truncated towards 0 (per sample), added to the uint8 channel modulo 256
     scaled = f64(hue) * 255.0
     shift = dmath.floor(dmath.abs(scaled)) * (1.0 - 2.0 * (scaled < 0))
-    shift = shift + 256.0 * (shift < 0)
+    shift = f32(shift + 256.0 * (shift < 0))
     hue_byte = hue_byte + shift
     hue_byte = hue_byte - 256.0 * (hue_byte >= 256)
     sector6 = hue_byte * 6.0 / 255.0
     i = dmath.floor(sector6)
-    frac = f32(sector6 - i)
-    fs = f32(sat_byte / 255.0)
-    v64 = f64(v)
-    p = dmath.floor(v64 * (1.0 - f64(fs)) + 0.5)
-    q = dmath.floor(v64 * (1.0 - f64(fs * frac)) + 0.5)
-    t = dmath.floor(v64 * (1.0 - f64(fs) * (1.0 - f64(frac))) + 0.5)
+    frac = sector6 - i
+    fs = sat_byte / 255.0
+    p = dmath.floor(v * (1.0 - fs) + 0.5)
+    q = dmath.floor(v * (1.0 - fs * frac) + 0.5)
+    t = dmath.floor(v * (1.0 - fs * (1.0 - frac)) + 0.5)
     s0, s1, s2, s3, s4, s5 = ((i == 0) | (i == 6)), i == 1, i == 2, i == 3, i == 4, i == 5
-    red = v64 * (s0 | s5) + q * s1 + p * (s2 | s3) + t * s4
-    green = t * s0 + v64 * (s1 | s2) + q * s3 + p * (s4 | s5)
-    blue = p * (s0 | s1) + t * s2 + v64 * (s3 | s4) + q * s5
+    red = v * (s0 | s5) + q * s1 + p * (s2 | s3) + t * s4
+    green = t * s0 + v * (s1 | s2) + q * s3 + p * (s4 | s5)
+    blue = p * (s0 | s1) + t * s2 + v * (s3 | s4) + q * s5
     return fn.cast(fn.stack(red, green, blue, axis=2, axis_name="C"), dtype=types.UINT8)
 
 
