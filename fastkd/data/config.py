@@ -65,7 +65,8 @@ class DataConfig:
         randaugment: Number of RandAugment operations per image (timm's ``n``); 0 turns RandAugment off.
             The policy is timm's ``rand-m<M>-mstd<S>-inc<0|1>`` (DeiT: ``rand-m9-mstd0.5-inc1``): each
             of the ``n`` operations is drawn uniformly (with replacement) from timm's 15 operations and
-            applied with probability 0.5. torch backend: timm's own ``rand_augment_transform``; DALI:
+            applied with probability 0.5. torch backend: timm's own ``rand_augment_transform`` (its posterize
+            taking 0 bits, which ``inc1`` asks for at magnitude 10 and Pillow refuses, as a black image); DALI:
             the same operations, arguments and draws, built from ``nvidia.dali.auto_aug`` blocks.
         randaugment_magnitude: timm's magnitude ``M`` on its 0..10 scale (10 = strongest).
         randaugment_mstd: timm's ``mstd``: each operation's magnitude is drawn from
@@ -92,12 +93,13 @@ class DataConfig:
     ``solarize`` hold one probability for every view or one per view (BYOL's asymmetric views:
     ``gaussian_blur=(1.0, 0.1)``, ``solarize=(0.0, 0.2)``). torch backend: torchvision's own
     ``ColorJitter``, ``RandomGrayscale``, ``GaussianBlur`` and ``RandomSolarize``; DALI: the same draws fed
-    to ``brightness``, contrast (PIL's grey-mean centre, ``auto_aug``), ``saturation``, ``hue``,
-    ``color_space_conversion`` and ``gaussian_blur`` operators.
+    to ``brightness``, contrast (PIL's grey-mean centre, ``auto_aug``), ``saturation``,
+    ``color_space_conversion`` and ``gaussian_blur`` operators, and the hue shift written in DALI arithmetic.
         color_jitter: torchvision ``ColorJitter(brightness, contrast, saturation, hue)`` strengths: factors
             uniform in ``[max(0, 1 - x), 1 + x]``, hue shift uniform in ``[-x, x]`` turns (x <= 0.5), the
-            four operations in a random order; all 0 turns it off. DALI's ``hue`` rotates the chroma in YIQ
-            space by ``360 * shift`` degrees where PIL shifts the HSV hue (the one difference left).
+            four operations in a random order; all 0 turns it off. The hue shift is torchvision's on a PIL
+            image on both backends: PIL's 8-bit HSV, the hue byte shifted by ``int(255 * shift)`` modulo 256
+            (a hue strength of 0 skips it, as torchvision does).
         color_jitter_p: Probability that a view is colour-jittered at all (BYOL: 0.8).
         grayscale: Probability of converting a view to grey (ITU-R 601 luma, kept as 3 channels; BYOL: 0.2).
         gaussian_blur: Probability of a Gaussian blur, per view; the kernel is a true Gaussian of

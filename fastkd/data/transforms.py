@@ -127,6 +127,26 @@ def timm_rand_augment_hparams(cfg: DataConfig) -> dict:
     }
 
 
+def posterize_any_bits(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's RandAugment ``posterize`` with 0 bits allowed: all values 0, a black image (the DALI graph's AND mask
+    of 0). timm's ``PosterizeIncreasing`` keeps 0 bits at magnitude 10, which DeiT's magnitude noise reaches, and
+    Pillow's ``ImageOps.posterize`` refuses 0 bits; 1..8 bits go to timm's own function."""
+    from timm.data.auto_augment import posterize
+
+    if bits_to_keep <= 0:
+        return img.point([0] * (256 * len(img.getbands())))
+    return posterize(img, bits_to_keep, **kwargs)
+
+
+def _zero_bit_posterize(ra) -> None:
+    """Swap :func:`posterize_any_bits` in for timm's ``posterize`` in the operations of timm's RandAugment ``ra``."""
+    from timm.data.auto_augment import posterize
+
+    for op in ra.ops:
+        if op.aug_fn is posterize:
+            op.aug_fn = posterize_any_bits
+
+
 def to_chw_uint8(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
@@ -207,6 +227,7 @@ class TrainTransform:
             from timm.data.auto_augment import rand_augment_transform
 
             ra = rand_augment_transform(timm_rand_augment_config(cfg), timm_rand_augment_hparams(cfg))
+            _zero_bit_posterize(ra)
             ra.ops = [_NotedOp(op, k, self._ra_log) for k, op in enumerate(ra.ops)]
             self.rand_augment = ra
             steps.append(ra)

@@ -199,12 +199,16 @@ def test_dali_operation_pixels_equal_pil():
     """Pixel-wise operations with a fixed draw: DALI's output equals PIL's (timm's implementation)."""
     from PIL import ImageEnhance
 
+    from fastkd.data.transforms import posterize_any_bits
+
     rng = np.random.default_rng(3)
     image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
     cases = {  # draw -> PIL on the same pixels, arguments from timm's rules at magnitude bin / 10
         ("identity", 0, 0): lambda img: img,
         ("Invert", 0, 0): ImageOps.invert,
         ("PosterizeIncreasing", 90, 0): lambda img: ImageOps.posterize(img, 4 - int(0.9 * 4)),
+        # magnitude 10 keeps 0 bits: the torch backend's operation (Pillow refuses 0 bits itself)
+        ("PosterizeIncreasing", 100, 0): lambda img: posterize_any_bits(img, 4 - int(1.0 * 4)),
         ("SolarizeIncreasing", 90, 0): lambda img: ImageOps.solarize(img, 256 - int(0.9 * 256)),
         ("SolarizeAdd", 70, 0): lambda img: Image.fromarray(
             np.where(np.asarray(img) < 128, np.minimum(np.asarray(img).astype(int) + int(0.7 * 110), 255), img).astype(
@@ -219,6 +223,8 @@ def test_dali_operation_pixels_equal_pil():
         # normalising and denormalising in float32 costs far less than one 8-bit step; PIL rounds blends
         assert np.abs(got - expected).max() <= 1.0 + 1e-3, draw
     assert np.abs(outs[0] - image).max() < 1e-3  # full-image window of the same size, no flip: untouched
+    zero_bits = list(cases).index(("PosterizeIncreasing", 100, 0))
+    assert np.abs(outs[zero_bits] - _posterized(Image.fromarray(image), 0)).max() < 1e-3  # black on both backends
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
@@ -227,6 +233,37 @@ def test_randaugment_is_per_sample_deterministic(square_folder, backend):
     a = torch.cat([b["images"] for b in build_loader(cfg, "train")])
     b = torch.cat([b["images"] for b in build_loader(dict(cfg, num_workers=2 if backend == "torch" else 2), "train")])
     assert torch.equal(a, b)
+
+
+def _posterized(img: Image.Image, bits: int) -> np.ndarray:
+    """Posterize written out: keep the ``bits`` most significant bits of every value (0 bits: all zero)."""
+    return np.asarray(img) & np.uint8((0xFF << (8 - bits)) & 0xFF)
+
+
+def test_torch_randaugment_survives_zero_bit_posterize():
+    """timm's PosterizeIncreasing keeps 4 - int(4 m / 10) bits: 0 at magnitude 10, which DeiT's magnitude noise
+    (9 +- 0.5, clipped at 10) reaches; Pillow refuses 0 bits, so 3 of these 300 seeded draws crashed. Posterize
+    to 0 bits is now a black image; 1..8 bits stay timm's (Pillow's) posterize."""
+    from fastkd.data.transforms import posterize_any_bits
+    from fastkd.data.transforms import seeded
+
+    transform = TrainTransform(DataConfig.from_any(DEIT))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    posterize = TIMM_INC_OPS.index("PosterizeIncreasing")
+    zero_bits = 0
+    for seed in range(300):
+        with seeded(seed):
+            out, drawn = transform.draw(image)
+        applied = [(op, arg) for op, _, arg in drawn["ra"] if op >= 0]
+        if applied and applied[-1] == (posterize, 0):  # the last operation: nothing after it to undo the black
+            zero_bits += 1
+            assert not out.any(), seed
+    assert zero_bits >= 1  # the case happened (and did not raise)
+    # the operation itself, every number of bits
+    for bits in range(9):
+        got = posterize_any_bits(image, bits)
+        assert got.mode == "RGB" and np.array_equal(np.asarray(got), _posterized(image, bits)), bits
+    assert not np.asarray(posterize_any_bits(image, 0)).any()
 
 
 # ------------------------------------------------------------------------------------------------------------

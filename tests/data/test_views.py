@@ -92,13 +92,15 @@ def _jitter(order, **factors) -> np.ndarray:
     return _draw(jitter=1, **{f"order{k}": JITTER_OPS.index(name) for k, name in enumerate(order)}, **factors)
 
 
-def _dali_views(image: np.ndarray, draws: list[np.ndarray]) -> list[np.ndarray]:
+def _dali_views(image: np.ndarray, draws: list[np.ndarray], **cfg) -> list[np.ndarray]:
     """The DALI training graph (CPU) on copies of one square image, full-image window, no flip, sample k with
-    the view-augmentation draws ``draws[k]``; denormalised HWC outputs."""
+    the view-augmentation draws ``draws[k]``; denormalised HWC outputs. ``cfg``: DataConfig fields over BYOL's."""
     from fastkd.data.dali_loader import build_pipeline
 
     size = image.shape[0]
-    cfg = DataConfig.from_any(dict(BYOL, num_views=1, gaussian_blur=0.5, solarize=0.5, img_size=size, hflip=0.0))
+    cfg = DataConfig.from_any(
+        dict(BYOL, num_views=1, gaussian_blur=0.5, solarize=0.5, img_size=size, hflip=0.0, **cfg)
+    )
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, "PNG")
     encoded = np.frombuffer(buf.getvalue(), dtype=np.uint8)
@@ -149,6 +151,8 @@ def test_dali_view_operations_equal_torchvision():
         (_jitter(("contrast", "brightness", "saturation", "hue"), brightness=1.3, contrast=0.6, saturation=1.1),
          lambda p: F.adjust_saturation(F.adjust_brightness(F.adjust_contrast(p, 0.6), 1.3), 1.1),
          [bc[1], bc[0], bc[2]]),
+        (_jitter(("saturation", "brightness", "contrast", "hue"), brightness=2.0),
+         lambda p: F.adjust_brightness(p, 2.0), []),  # doubling integers, clipped at 255: exact on both backends
         (_draw(grayscale=1), lambda p: F.rgb_to_grayscale(p, 3), [("gray", 1.0)]),
         (_draw(blur_sigma=1.3), lambda p: F.gaussian_blur(p, [13, 13], [1.3, 1.3]), [("blur", 1.0)]),
         (_draw(blur_sigma=0.1), lambda p: F.gaussian_blur(p, [13, 13], [0.1, 0.1]), [("blur", 1.0)]),
@@ -157,8 +161,8 @@ def test_dali_view_operations_equal_torchvision():
          lambda p: F.solarize(F.gaussian_blur(F.rgb_to_grayscale(p, 3), [13, 13], [0.7, 0.7]), 128),
          [("gray", 1.0), ("blur", 1.0), ("solarize", 1.0)]),
     ]  # fmt: skip
-    for image in (noise, _photo(24)):
-        outs = _dali_views(image, [draw for draw, _, _ in cases])
+    for image in (noise, _photo(24)):  # no hue strength: as torchvision's ColorJitter, no hue operation
+        outs = _dali_views(image, [draw for draw, _, _ in cases], color_jitter=(0.4, 0.4, 0.2, 0.0))
         pil = Image.fromarray(image)
         for k, ((_, fn, steps), got) in enumerate(zip(cases, outs)):
             expected = np.asarray(fn(pil), dtype=np.float64)
@@ -168,24 +172,82 @@ def test_dali_view_operations_equal_torchvision():
         assert np.abs(outs[5] - other).max() > _rounding_bound(bc)
 
 
+def _hue_test_image(rng: np.random.Generator) -> np.ndarray:
+    """24 x 24 RGB: random pixels (every extreme), greys (black and white included), saturated colours (one channel
+    255, one 0: the six primaries and secondaries included), near-greys (chroma 1 or 2: the hue is most sensitive)
+    and a photograph's pixels."""
+    image = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    grey = rng.integers(0, 256, (4, 24), dtype=np.uint8)
+    grey[0, :2] = (0, 255)
+    image[6:10] = grey[..., None]
+    hi = rng.integers(0, 3, 96)
+    lo = (hi + rng.integers(1, 3, 96)) % 3
+    sat = np.zeros((96, 3), np.uint8)
+    sat[np.arange(96), hi] = 255
+    sat[np.arange(96), 3 - hi - lo] = rng.integers(0, 256, 96)
+    sat = sat.reshape(4, 24, 3)
+    sat[0, :6] = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]
+    image[10:14] = sat
+    base = rng.integers(2, 254, (4, 24, 1))
+    image[14:18] = np.clip(base + rng.integers(-1, 2, (4, 24, 3)), 0, 255).astype(np.uint8)
+    image[18:24] = _photo(24)[9:15]
+    return image
+
+
 @needs_dali
-def test_dali_hue_turns_the_way_torchvision_does():
-    """DALI's hue operator rotates the chroma in YIQ space, PIL shifts the HSV hue: not the same pixels (the
-    documented difference), but the same direction and unit: +h turns red towards yellow (green up), -h
-    towards magenta (blue up), on both backends; 0 changes nothing."""
+def test_dali_hue_is_torchvisions_hsv_shift():
+    """The DALI hue shift against torchvision's ``adjust_hue`` on the PIL image (what ColorJitter runs on the
+    torch backend: PIL's 8-bit HSV, the uint8 hue channel shifted by int(255 h) modulo 256, even for h = 0), for
+    shifts of either sign up to +-0.5, on grey, saturated, near-grey, random and photographic pixels; and the
+    hue shift at each position of the drawn order, with operations before and after it.
+
+    Bound: the DALI path reproduces PIL's hue and saturation bytes (one hue byte off would move a value by up to
+    6 levels), so what is left is the final rounding of each value to 8 bits: one level (then the blends of
+    :func:`_rounding_bound`), plus float32 normalising/denormalising."""
     import torchvision.transforms.functional as F
 
-    image = np.zeros((16, 16, 3), np.uint8)
-    image[:, :, 0], image[:, :, 2] = 200, 30
+    rng = np.random.default_rng(11)
+    image = _hue_test_image(rng)
     order = ("hue", "brightness", "contrast", "saturation")
-    shifts = (0.07, -0.07, 0.0)
-    outs = _dali_views(image, [_jitter(order, hue=h) for h in shifts])
-    for h, got in zip(shifts[:2], outs):
-        ref = np.asarray(F.adjust_hue(Image.fromarray(image), h), dtype=np.float64)
-        grows = 1 if h > 0 else 2  # the channel that grows: green for +h, blue for -h
-        for out in (got, ref):
-            assert out[..., grows].mean() >= image[..., grows].mean() + 10, (h, out[0, 0])
-    assert np.abs(outs[2] - image).max() < 1e-3
+    shifts = [0.0, 0.07, -0.07, 0.1, -0.1, *rng.uniform(-0.5, 0.5, 3), 0.4999, -0.4999, 0.5, -0.5]
+    shifts = [float(np.float32(h)) for h in shifts]  # the value the graph receives (a float32 draw)
+    cases = [(_jitter(order, hue=h), lambda p, h=h: F.adjust_hue(p, h), [("hue", 1.0)]) for h in shifts]
+    turn = 0.25
+    # the hue shift at every position of the drawn order, the other operations the identity
+    for k in (1, 2, 3):
+        at_k = order[1:k + 1] + ("hue",) + order[k + 1:]
+        cases.append((_jitter(at_k, hue=turn), lambda p: F.adjust_hue(p, turn), [("hue", 1.0)]))
+    # operations before and after it, in the drawn order. Before: brightness 2 doubles integers (clipped at 255)
+    # on both backends, so the hue shift starts from the same pixels (see the exact case in
+    # test_dali_view_operations_equal_torchvision); an operation rounding differently before it could move a
+    # near-grey pixel's hue anywhere. After: any operation (the blend bounds of _rounding_bound).
+    bcs = [("brightness", 1.3), ("contrast", 0.6), ("saturation", 1.1)]
+    cases += [
+        (_jitter(order, hue=turn, brightness=1.3, contrast=0.6, saturation=1.1),
+         lambda p: F.adjust_saturation(F.adjust_contrast(F.adjust_brightness(F.adjust_hue(p, turn), 1.3), 0.6), 1.1),
+         [("hue", 1.0), *bcs]),
+        (_jitter(("brightness", "hue", "saturation", "contrast"), hue=turn, brightness=2.0, saturation=0.5),
+         lambda p: F.adjust_saturation(F.adjust_hue(F.adjust_brightness(p, 2.0), turn), 0.5),
+         [("hue", 1.0), ("saturation", 0.5)]),
+        (_jitter(("contrast", "brightness", "hue", "saturation"), hue=turn, brightness=2.0, saturation=0.5),
+         lambda p: F.adjust_saturation(F.adjust_hue(F.adjust_brightness(p, 2.0), turn), 0.5),
+         [("hue", 1.0), ("saturation", 0.5)]),
+        (_jitter(("saturation", "contrast", "brightness", "hue"), hue=turn, brightness=2.0),
+         lambda p: F.adjust_hue(F.adjust_brightness(p, 2.0), turn), [("hue", 1.0)]),
+    ]  # fmt: skip
+    outs = _dali_views(image, [draw for draw, _, _ in cases])
+    pil = Image.fromarray(image)
+    for (draw, fn, steps), got in zip(cases, outs):
+        err = np.abs(got - np.asarray(fn(pil), dtype=np.float64))
+        assert err.max() <= _rounding_bound(steps), (draw, err.max(), np.unravel_index(err.argmax(), err.shape))
+    for h, got in zip(shifts, outs):
+        assert np.abs(got[6:10] - image[6:10]).max() < 1e-3, h  # greys keep their value
+        if abs(h) >= 0.07:  # and the shift does something to the saturated colours
+            assert np.abs(got[10:14] - image[10:14]).max() >= 50, h
+    # the order is the drawn one: saturation-then-hue is not hue-then-saturation
+    other = np.asarray(F.adjust_hue(F.adjust_saturation(F.adjust_brightness(pil, 2.0), 0.5), turn), np.float64)
+    for got in outs[-3:-1]:
+        assert np.abs(got - other).max() > _rounding_bound([("hue", 1.0), ("saturation", 0.5)])
 
 
 # ------------------------------------------------------------------------------------------------------------
