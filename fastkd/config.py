@@ -162,6 +162,9 @@ class TrainConfig:
     steps: int | None = None  # optimizer steps in total; when set, stops there (overrides epochs for the schedule)
     batch_size: int | None = None  # per process, per micro-batch; when set, overrides data.batch_size
     accum_steps: int = 1  # micro-batches per optimizer step
+    # images per optimizer step over all processes (a paper's global batch); when set, accum_steps is derived from
+    # it at start (global_batch / (batch_size x processes), which must divide it), replacing train.accum_steps
+    global_batch: int | None = None
     clip_grad: float | None = None  # max global grad norm
     ema: bool = False
     ema_decay: float = 0.9998
@@ -486,6 +489,8 @@ def check(cfg: Config) -> None:
     need(t.batch_size is None or t.batch_size >= 1, "train.batch_size", t.batch_size,
          "an integer >= 1, or null (data.batch_size decides)")
     need(t.accum_steps >= 1, "train.accum_steps", t.accum_steps, "an integer >= 1")
+    need(t.global_batch is None or t.global_batch >= 1, "train.global_batch", t.global_batch,
+         "an integer >= 1, or null (train.accum_steps decides)")
     need(t.log_every >= 1, "train.log_every", t.log_every, "an integer >= 1")
     need(t.ckpt_every >= 0, "train.ckpt_every", t.ckpt_every, "an integer >= 0 (0: at the end of each epoch)")
     need(t.eval_every >= 1, "train.eval_every", t.eval_every, "an integer >= 1")

@@ -213,6 +213,19 @@ def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.Gr
 # optimizer and schedule
 
 
+def accum_for_global_batch(global_batch: int, micro_batch: int, world_size: int) -> int:
+    """Micro-batches per optimizer step that make ``train.global_batch`` images per step over ``world_size``
+    processes of ``micro_batch`` images each; a global batch they cannot divide is a :class:`ConfigError`."""
+    per_pass = micro_batch * world_size
+    if global_batch % per_pass:
+        raise ConfigError(
+            f"train.global_batch={global_batch}: expected a multiple of batch size x processes = {micro_batch} x "
+            f"{world_size} = {per_pass}; pick train.batch_size (or the number of processes) so that it divides "
+            f"{global_batch}"
+        )
+    return global_batch // per_pass
+
+
 def scaled_lr(cfg: Config, global_batch: int) -> float:
     """``optim.lr``, linearly scaled by ``global_batch / optim.lr_base_batch`` when that is set (DeiT: 512)."""
     lr = cfg.optim.lr
