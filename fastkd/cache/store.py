@@ -24,8 +24,8 @@ This docstring is the one description of the format (README links here)::
     num_classes C, dtype of the logits ("float32" or "float16"), teachers (their count T)
     layout      the batch layout the views and mixes belong to: world_size, batch_size, drop_last,
                 shard_policy, samples_per_rank, batches_per_epoch, block_batches
-    views       backend   the data back end that drew the views ("torch" or "dali"; they draw from different
-                          generators, so a run must use the same one)
+    views       backend   the data back end that drew the views ("torch" or "dali"; they decode, resample and
+                          augment differently, so a run replays with the same one)
                 params    the NumPy ``descr`` of the ``params`` field below (its fields follow from the data section)
     complete    true once every shard is written; shards: {file name: sha256}
 
@@ -49,18 +49,19 @@ batch_size``; the last block may be shorter), one record per position:
                             reconstruction gives each of them this logit, so at T = 1 the kept classes' probabilities
                             and the left-out mass are exact (:func:`fastkd.cache.replay.dense_logits`)
 
-Replay: a training run reads the views from the cache, it does not draw them. :class:`fastkd.cache.replay.CachedLoader`
-hands the loader the records of each batch (``loader.replay``, :mod:`fastkd.data.loader`) and the loader delivers
-the recorded samples (``index`` >= 0, in order) with the recorded views: the torchvision path cuts the recorded crop
-window, flips and runs timm's RandAugment operations with the recorded arguments (``TrainTransform.replay``); DALI
-is fed the recorded crop windows (``decoders.image_slice`` anchors and shapes through ``external_source``), mirror
-flags and RandAugment operations, magnitude bins and signs (``DaliLoader.replay_inputs``); both then erase the
-recorded box with the noise of its recorded seed and mix each sample with its recorded partner, lambda and box
-(:func:`fastkd.data.record.replay_erase`, :func:`~fastkd.data.record.replay_mix`). Editing a record changes the
-replayed view. The back end must be the build's (``views.backend``: the two decode and resample differently), and
-recipes with an augmentation the records do not describe (the self-supervised view augmentation) cannot be cached.
-:class:`~fastkd.cache.replay.CachedLoader` then checks each batch: the delivered data set indices, then the view
-fingerprint (a difference names the epoch, position and sample).
+Replay: a training run reads the views from the cache, it does not draw them.
+:class:`fastkd.cache.replay.CachedLoader` hands the loader the records of each batch (``loader.replay``,
+:mod:`fastkd.data.loader`) and the loader delivers the recorded samples (``index`` >= 0, in order) with the recorded
+views: the torchvision path cuts the recorded crop window, flips and runs timm's RandAugment operations with the
+recorded arguments (``TrainTransform.replay``); DALI is fed the recorded crop windows (``decoders.image_slice``
+anchors and shapes through ``external_source``), mirror flags and RandAugment operations, magnitude bins and signs
+(``DaliLoader.replay_inputs``); both then erase the recorded box with the noise of its recorded seed and mix each
+sample with its recorded partner, lambda and box (:func:`fastkd.data.record.replay_erase`,
+:func:`~fastkd.data.record.replay_mix`). Editing a record changes the replayed view. The back end must be the
+build's (``views.backend``: the two decode and resample differently), and recipes with an augmentation the records
+do not describe (the self-supervised view augmentation) cannot be cached. :class:`~fastkd.cache.replay.CachedLoader`
+then checks each batch: the delivered data set indices, then the view fingerprint (a difference names the epoch,
+position and sample).
 """
 
 from __future__ import annotations
