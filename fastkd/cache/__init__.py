@@ -1,8 +1,8 @@
 """Teacher-free epochs for logit distillation: a soft-label cache (``fastkd teacher-cache build``).
 
 The format (the one place it is described) is in :mod:`fastkd.cache.store`; the builder and its command in
-:mod:`fastkd.cache.build`; the training side (a loader wrapper that adds the cached logits to each batch and checks
-the replayed views) in :mod:`fastkd.cache.replay`.
+:mod:`fastkd.cache.build`; the training side (a loader wrapper that drives the loader from the recorded views, checks
+each batch and adds its cached logits) in :mod:`fastkd.cache.replay`.
 """
 
 from fastkd.cache.replay import CachedLoader

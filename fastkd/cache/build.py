@@ -63,6 +63,11 @@ def build_cache(cfg, out, *, epochs: int | None = None, topk: int = 0, dtype: st
     device = info.device
     seed_everything(cfg.run.seed)  # the training run's rank 0 seeds the same way before it builds its models
     data_cfg = builders.data_config(cfg, device)
+    from fastkd.data.record import unrecorded_augmentation
+
+    unrecorded = unrecorded_augmentation(data_cfg)
+    if unrecorded:
+        raise CacheError(f"the recipe cannot be cached: {unrecorded} (a cached run could not replay its views)")
     layout_world = world_size or info.world_size
     loaders = {0: build_loader(data_cfg, "train", 0, layout_world)}
     num_classes = loaders[0].num_classes or data_cfg.num_classes
@@ -168,6 +173,7 @@ def _record_block(cache: TeacherCache, loader, teachers, epoch: int, block: int,
             images = batch["images"]
             at = slice(start - begin, start - begin + images.shape[0])
             records["index"][at] = batch["index"].numpy()
+            records["pad"][at] = batch["is_pad"].numpy()
             records["params"][at] = batch["view_params"]
             records["view"][at] = view_fingerprint(images).numpy()
             with amp:

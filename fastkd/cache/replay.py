@@ -1,10 +1,11 @@
 """Training from a teacher cache: check the cache against the run, then add each batch's cached logits.
 
 :func:`open_for_run` refuses a cache that was built for another recipe, teacher, data set, seed, batch layout or
-number of epochs with one line naming the first difference. :class:`CachedLoader` wraps the run's training loader:
-for each batch it reads the records of the batch's positions, checks the delivered samples and views against them
-(data set index, the view parameters the loader drew, field by field, and the view fingerprint) and adds ``batch["teacher_logits"]``, one ``[B, C]`` tensor per teacher, which
-the logit-distillation methods use instead of running the teacher (:func:`fastkd.methods._kd.teacher_logits`).
+number of epochs with one line naming the first difference. :class:`CachedLoader` wraps the run's training loader
+and drives it from the records: the loader delivers the recorded samples with the recorded views, erasing and mixes
+(``loader.replay``, nothing is drawn); each batch is checked against its records (the data set indices and the view
+fingerprint) and gets ``batch["teacher_logits"]``, one ``[B, C]`` tensor per teacher, which the
+logit-distillation methods use instead of running the teacher (:func:`fastkd.methods._kd.teacher_logits`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from fastkd.cache.store import first_difference
 from fastkd.cache.store import identity
 from fastkd.cache.store import layout_of
 from fastkd.cache.store import views_of
+from fastkd.data.record import unrecorded_augmentation
 
 # |fingerprint difference| allowed between the recorded and the replayed view, in units of the normalised image:
 # the same view decoded by another JPEG decoder differs by a pixel level or so (1/255/std ~ 0.02) at a few pixels,
@@ -104,6 +106,9 @@ def open_for_run(cfg, data_cfg, loader, *, epochs_needed: int) -> TeacherCache:
                             {k: v for k, v in layout_of(loader, 1).items() if k != "block_batches"}, "layout")
     if diff:
         raise CacheError(f"teachers.cache={where} does not match this run's batch layout: {diff}")
+    unrecorded = unrecorded_augmentation(data_cfg)
+    if unrecorded:
+        raise CacheError(f"teachers.cache={where} cannot be replayed by this run: {unrecorded}")
     diff = first_difference(m["views"], views_of(loader), "views")
     if diff:
         raise CacheError(f"teachers.cache={where} does not match this run's views: {diff} (set data.backend to the "
@@ -120,14 +125,23 @@ def open_for_run(cfg, data_cfg, loader, *, epochs_needed: int) -> TeacherCache:
 class CachedLoader:
     """The training loader with each batch's cached teacher logits added (``batch["teacher_logits"]``).
 
-    Everything else (``len``, ``state_dict``, ``num_classes``...) is the wrapped loader's. With wrap-around, epoch
-    ``e`` of the run replays epoch ``e mod E`` of the cache: the wrapped loader is set to that epoch, so its views
-    are the recorded ones.
+    The wrapped loader replays the cache's records (``loader.replay``): samples, crop windows, flips, RandAugment,
+    erasing and mixes come from the cache. Everything else (``len``, ``state_dict``, ``num_classes``...) is the
+    wrapped loader's. With wrap-around, epoch ``e`` of the run replays epoch ``e mod E`` of the cache: the wrapped
+    loader is set to that epoch.
     """
 
     def __init__(self, loader, cache: TeacherCache, *, wrap: bool = False):
         self.loader, self.cache, self.wrap = loader, cache, wrap
-        loader.record_views = True  # each batch's drawn view parameters, checked against the recorded ones
+        rank = loader.rank
+
+        def replay(epoch: int, start: int, count: int) -> np.ndarray:
+            if epoch >= cache.epochs:
+                raise CacheError(f"teacher cache {cache.root}: epoch {epoch} is not recorded (it holds "
+                                 f"{cache.epochs})")
+            return cache.replay_rows(epoch, rank, start, count)
+
+        loader.replay = replay
         self._run_epoch: int | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -178,7 +192,6 @@ class CachedLoader:
             raise CacheError(f"teacher cache {cache.root}: epoch {epoch} position {start + bad} delivered sample "
                              f"{index[bad]} but the cache recorded sample {rec['index'][bad]}; the data or its "
                              "order differ from the build")
-        check_params(rec["params"], batch["view_params"], f"teacher cache {cache.root}: epoch {epoch}", start, index)
         got = view_fingerprint(images).numpy()
         off = np.abs(got - rec["view"]).max(axis=1)
         if (off > VIEW_ATOL).any():
@@ -199,25 +212,9 @@ class CachedLoader:
         return batch
 
 
-def check_params(recorded: np.ndarray, drawn: np.ndarray, where: str, start: int, index: np.ndarray) -> None:
-    """Raise :class:`CacheError` at the first view parameter (:mod:`fastkd.data.record`) of a batch that differs
-    from the recorded one, naming the field, the position and sample (``where`` names the cache and epoch)."""
-    for name in recorded.dtype.names:
-        a, b = recorded[name], drawn[name]
-        same = a == b
-        if a.dtype.kind == "f":
-            same |= np.isnan(a) & np.isnan(b)
-        same = same.reshape(len(a), -1).all(axis=1)
-        if not same.all():
-            bad = int(np.flatnonzero(~same)[0])
-            raise CacheError(f"{where} position {start + bad} (sample {index[bad]}): view parameter {name} was "
-                             f"recorded as {a[bad].tolist()}, this run drew {b[bad].tolist()}; crop, flip, "
-                             "augmentation or mix do not replay")
-
-
 def epochs_for(total_steps: int, steps_per_epoch: int) -> int:
     return math.ceil(total_steps / max(steps_per_epoch, 1))
 
 
-__all__ = ["CachedLoader", "CachedTeacher", "check_method", "check_params", "dense_logits", "epochs_for", "open_for_run",
+__all__ = ["CachedLoader", "CachedTeacher", "check_method", "dense_logits", "epochs_for", "open_for_run",
            "placeholder_teachers", "tail_logit", "view_fingerprint"]

@@ -9,7 +9,7 @@ This docstring is the one description of the format (README links here)::
 
 ``manifest.json``::
 
-    format      "fastkd-teacher-cache/2"
+    format      "fastkd-teacher-cache/3" (a cache of an older format is refused: rebuild it)
     identity    what the cached logits depend on; a training run recomputes it and refuses a mismatch:
                   teachers, data   the recipe fields that decide the teacher's inputs and outputs: the teachers'
                                    specs (name, kwargs) and the data section (augmentation, Mixup/CutMix, seed, dtype,
@@ -24,19 +24,22 @@ This docstring is the one description of the format (README links here)::
     num_classes C, dtype of the logits ("float32" or "float16"), teachers (their count T)
     layout      the batch layout the views and mixes belong to: world_size, batch_size, drop_last,
                 shard_policy, samples_per_rank, batches_per_epoch, block_batches
-    views       backend   the data back end that drew the views ("torch" or "dali"; they draw from different
-                          generators, so a run must use the same one)
+    views       backend   the data back end that drew the views ("torch" or "dali"; they decode, resample and
+                          augment differently, so a run replays with the same one)
                 params    the NumPy ``descr`` of the ``params`` field below (its fields follow from the data section)
     complete    true once every shard is written; shards: {file name: sha256}
 
 Shard ``e_r_b`` holds positions ``[b·R, (b+1)·R)`` of rank ``r``'s share of epoch ``e`` (``R = block_batches ·
 batch_size``; the last block may be shorter), one record per position:
 
-    index    int64          data set index of the sample delivered at that position (-1: none, e.g. a skipped file)
+    index    int64          data set index of the sample delivered at that position (-1: none, e.g. a skipped file;
+                            the samples of a batch come first, so its -1 rows close it)
+    pad      bool           the sample repeats one of another rank to even out the ranks (``batch["is_pad"]``)
     params   struct         the view parameters the loader drew for it (:mod:`fastkd.data.record` lists the
                             fields): per view the crop window (left, top, width, height in the decoded image), the
                             flip, RandAugment's operations, magnitudes and arguments (when on), the random-erasing
-                            box (when on); per sample its batch's Mixup/CutMix partner, lambda and box (when on)
+                            box and the seed of its noise (when on); per sample its batch's Mixup/CutMix partner
+                            (position in the batch), lambda and box (when on)
     view     float32[3]     fingerprint of the view the teacher saw (after Mixup/CutMix): the mean of the
                             normalised image and its means weighted by x and by y in [-1, 1]; it catches what the
                             parameters do not describe (other pixels: another decoder, resize or normalisation)
@@ -46,15 +49,19 @@ batch_size``; the last block may be shorter), one record per position:
                             reconstruction gives each of them this logit, so at T = 1 the kept classes' probabilities
                             and the left-out mass are exact (:func:`fastkd.cache.replay.dense_logits`)
 
-Replay: the augmentation of a sample is a pure function of ``(data.seed, epoch, index)`` and Mixup/CutMix of
-``(data.seed, epoch, batch position)`` (:mod:`fastkd.data.sharding`), so a loader with the same data section,
-back end and batch layout draws the recorded views again. The training run's loader records what it draws
-(``record_views``) and :class:`fastkd.cache.replay.CachedLoader` checks every batch against the cache: ``index``,
-then ``params`` field by field (a difference is one line naming the field, the epoch, the position and the
-sample), then ``view``. Both back ends draw every parameter on the host from the sample's seed: DALI feeds its
-crop windows, flips and RandAugment choices to the graph through ``external_source`` (no random operator in the
-graph), the torchvision path runs torchvision's and timm's own transforms under the seeded generators. Neither
-is driven from the recorded parameters yet (they replay by drawing them again, and the check above proves it).
+Replay: a training run reads the views from the cache, it does not draw them.
+:class:`fastkd.cache.replay.CachedLoader` hands the loader the records of each batch (``loader.replay``,
+:mod:`fastkd.data.loader`) and the loader delivers the recorded samples (``index`` >= 0, in order) with the recorded
+views: the torchvision path cuts the recorded crop window, flips and runs timm's RandAugment operations with the
+recorded arguments (``TrainTransform.replay``); DALI is fed the recorded crop windows (``decoders.image_slice``
+anchors and shapes through ``external_source``), mirror flags and RandAugment operations, magnitude bins and signs
+(``DaliLoader.replay_inputs``); both then erase the recorded box with the noise of its recorded seed and mix each
+sample with its recorded partner, lambda and box (:func:`fastkd.data.record.replay_erase`,
+:func:`~fastkd.data.record.replay_mix`). Editing a record changes the replayed view. The back end must be the
+build's (``views.backend``: the two decode and resample differently), and recipes with an augmentation the records
+do not describe (the self-supervised view augmentation) cannot be cached. :class:`~fastkd.cache.replay.CachedLoader`
+then checks each batch: the delivered data set indices, then the view fingerprint (a difference names the epoch,
+position and sample).
 """
 
 from __future__ import annotations
@@ -63,12 +70,14 @@ import dataclasses
 import hashlib
 import json
 import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-FORMAT = "fastkd-teacher-cache/2"
+FORMAT = "fastkd-teacher-cache/3"
 
 # data-section fields that cannot change what the teacher sees (paths, workers, back end, validation-only settings)
 _DATA_IGNORED = ("root", "train_path", "val_path", "source", "backend", "device", "val_batch_size", "num_workers",
@@ -178,7 +187,7 @@ def params_dtype_of(views: dict[str, Any]) -> np.dtype:
 
 
 def record_dtype(num_teachers: int, k: int, num_classes: int, dtype: str, params: np.dtype) -> np.dtype:
-    fields = [("index", np.int64), ("params", params), ("view", np.float32, (3,)),
+    fields = [("index", np.int64), ("pad", np.bool_), ("params", params), ("view", np.float32, (3,)),
               ("logits", np.dtype(dtype), (num_teachers, k))]
     if k < num_classes:
         fields += [("classes", np.int32, (num_teachers, k)), ("tail", np.float32, (num_teachers,))]
@@ -199,7 +208,8 @@ class TeacherCache:
         self.record = record_dtype(self.num_teachers, self.k, self.num_classes, self.dtype,
                                    params_dtype_of(m["views"]))
         self.rows_per_block = self.layout["block_batches"] * self.layout["batch_size"]
-        self._open: dict[str, np.ndarray] = {}
+        self._open: OrderedDict[str, np.ndarray] = OrderedDict()  # a few verified, memory-mapped shards
+        self._lock = threading.Lock()  # the loader reads records ahead in its threads while training reads logits
 
     # ---- manifest
 
@@ -215,7 +225,9 @@ class TeacherCache:
                              "`fastkd teacher-cache build --config RECIPE --out DIR`)")
         manifest = json.loads(path.read_text())
         if manifest.get("format") != FORMAT:
-            raise CacheError(f"teachers.cache={root}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+            raise CacheError(f"teachers.cache={root}: format {manifest.get('format')!r}, this fastkd reads "
+                             f"{FORMAT!r} (it replays the recorded views, which older formats do not fully record); "
+                             "rebuild it with `fastkd teacher-cache build`")
         return cls(root, manifest)
 
     def write_manifest(self) -> None:
@@ -268,7 +280,13 @@ class TeacherCache:
     def read_shard(self, epoch: int, rank: int, block: int) -> np.ndarray:
         """The shard's records, memory-mapped; its checksum is verified the first time it is opened."""
         name = self.shard_name(epoch, rank, block)
-        if name not in self._open:
+        with self._lock:
+            return self._read_shard(name)
+
+    def _read_shard(self, name: str) -> np.ndarray:
+        if name in self._open:
+            self._open.move_to_end(name)
+        else:
             path = self.shard_path(name)
             want = self.manifest.get("shards", {}).get(name)
             if not path.is_file() or want is None:
@@ -282,7 +300,9 @@ class TeacherCache:
             if arr.dtype != self.record:
                 raise CacheError(f"teacher cache {self.root}: shard {name} has records {arr.dtype}, expected "
                                  f"{self.record}")
-            self._open = {name: arr}  # one shard open at a time: a loader reads them in order
+            self._open[name] = arr
+            while len(self._open) > 4:  # the loader reads a batch or two ahead of training, both in order
+                self._open.popitem(last=False)
         return self._open[name]
 
     def rows(self, epoch: int, rank: int, start: int, count: int) -> np.ndarray:
@@ -295,6 +315,14 @@ class TeacherCache:
             out.append(np.asarray(self.read_shard(epoch, rank, block)[row:row + take]))
             pos += take
         return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def replay_rows(self, epoch: int, rank: int, start: int, count: int) -> np.ndarray:
+        """What a loader replays of positions ``[start, start + count)``: the fields ``index``, ``pad``, ``params``."""
+        rows = self.rows(epoch, rank, start, count)
+        out = np.empty(len(rows), dtype=[(f, rows.dtype.fields[f][0]) for f in ("index", "pad", "params")])
+        for f in out.dtype.names:
+            out[f] = rows[f]
+        return out
 
     def bytes_per_record(self) -> int:
         return self.record.itemsize

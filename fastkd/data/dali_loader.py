@@ -14,6 +14,10 @@ operations and signs) is drawn in Python from the sample's own generator, seeded
 to the encoded bytes. A DALI random operator instead keeps one state per slot of the batch, carried
 from batch to batch, so a resumed run (or a rebuilt pipeline) would draw different augmentations.
 
+Replay (``loader.replay``, the teacher cache): the same inputs are made from the recorded view parameters instead
+of drawn (:meth:`DaliLoader.replay_inputs`): the decoder cuts the recorded crop windows, the mirror flags and
+RandAugment choices are the recorded ones.
+
 Input: the pipeline reads from ``fn.external_source``, fed by this rank's shard of the epoch plan
 (:mod:`fastkd.data.sharding`); the bytes are read by a thread pool one batch ahead. DALI's own file
 reader cannot start an epoch at an arbitrary position, nor leave out a file after a decode error, so
@@ -514,7 +518,10 @@ class DaliLoader(BaseLoader):
     def read_chunk(self, chunk, pool) -> list[tuple[int, bool, bytes, list[np.ndarray], int]]:
         """``(index used, is_pad, bytes, view inputs, augmentation seed)`` of a batch, corrupt samples skipped or
         replaced.
-        A replacement is augmented with the seed of the slot it fills."""
+        A replacement is augmented with the seed of the slot it fills. Replaying (a fourth element in ``chunk``):
+        the recorded samples with their recorded view inputs (and their records last in each entry)."""
+        if len(chunk) == 4:
+            return self._read_replayed(chunk[3], pool)
         idx, pad, seeds = chunk
         reads = list(pool.map(self.read_checked, idx.tolist())) if len(idx) > 1 else [self.read_checked(int(idx[0]))]
         items = []
@@ -547,6 +554,49 @@ class DaliLoader(BaseLoader):
         if not self.train:
             return index, is_pad, data, [], seed
         return index, is_pad, data, self.view_inputs(np.random.default_rng(seed), height, width), seed
+
+    def _read_replayed(self, rows_of, pool) -> list[tuple]:
+        rows = rows_of()
+        index = rows["index"].tolist()
+        reads = list(pool.map(self.read_checked, index)) if len(index) > 1 else [self.read_checked(index[0])]
+        items = []
+        for k, (row, i, (data, problem)) in enumerate(zip(rows, index, reads)):
+            where = rows_of.where(k)
+            if data is None or i in self.corrupt:
+                raise RuntimeError(f"replay: sample {i} ({self.source.describe(i)}), recorded at {where}, cannot be "
+                                   f"read now: {problem or self.corrupt.get(i)}")
+            height, width = _oriented_size(data, self.cfg.max_image_pixels)
+            try:
+                inputs = self.replay_inputs(row["params"], height, width)
+            except ValueError as exc:
+                raise ValueError(f"replay of sample {i} at {where}: {exc}") from None
+            items.append((i, bool(row["pad"]), data, inputs, 0, row["params"]))
+        return items
+
+    def replay_inputs(self, params, height: int, width: int) -> list[np.ndarray]:
+        """:meth:`view_inputs` made from a sample's recorded view parameters (:mod:`fastkd.data.record`), drawing
+        nothing: per view the crop window, the mirror flag and the RandAugment operations, magnitude bins and signs."""
+        cfg = self.cfg
+        if view_colour_on(cfg):
+            raise ValueError("the self-supervised view augmentation (colour jitter, grayscale, blur, solarize) is not "
+                             "recorded and cannot be replayed")
+        out = []
+        for v in range(self.num_views):
+            left, top, w, h = (int(x) for x in params["crop"][v])
+            if left < 0 or top < 0 or w < 1 or h < 1 or left + w > width or top + h > height:
+                raise ValueError(f"recorded crop window (left, top, width, height) = {(left, top, w, h)} does not "
+                                 f"fit the {width}x{height} image")
+            out += [np.array([left, top], dtype=np.int32), np.array([w, h], dtype=np.int32),
+                    np.array(bool(params["flip"][v]), dtype=np.int32)]
+            if cfg.randaugment > 0:
+                ops = params["ra_op"][v].astype(np.int64)
+                if (ops >= self._num_ops).any():
+                    raise ValueError(f"recorded RandAugment operations {ops.tolist()}: this policy has "
+                                     f"{self._num_ops}")
+                bins = np.rint(np.nan_to_num(params["ra_mag"][v].astype(np.float64)) * (RA_BINS - 1) / 10.0)
+                signs = np.nan_to_num(params["ra_arg"][v].astype(np.float64))
+                out.append(np.concatenate([np.where(ops >= 0, ops, self._num_ops), bins, signs]).astype(np.int32))
+        return out
 
     def view_inputs(self, rng: np.random.Generator, height: int, width: int) -> list[np.ndarray]:
         """The random choices of one sample, per view: crop anchor, crop size, mirror, RandAugment, view colour."""
@@ -703,6 +753,8 @@ class DaliLoader(BaseLoader):
                     "seeds": [it[4] for it in items],
                     "draws": [self.view_draws(it[3]) for it in items],
                 }
+                if len(items[0]) > 5:  # replayed: the records themselves
+                    raw["params"] = np.array([it[5] for it in items], dtype=items[0][5].dtype)
                 yield raw, len(chunk[0])
         finally:
             if self._state not in ("fresh", "drain"):

@@ -11,7 +11,13 @@ A loader is an iterable of dict batches::
     batch["index"]    LongTensor [B]: data set index of each sample (on the CPU)
     batch["is_pad"]   BoolTensor [B]: True for samples repeated to even out the ranks (on the CPU)
     batch["view_params"]  NumPy structured array [B]: what was drawn for each sample (crop, flip, RandAugment,
-                      erasing, Mixup/CutMix), only when ``record_views`` is set (:mod:`fastkd.data.record`)
+                      erasing, Mixup/CutMix), only when ``record_views`` is set (:mod:`fastkd.data.record`), or
+                      what was replayed (``replay``)
+
+Replay (the teacher cache): with ``loader.replay`` set to a callable ``(epoch, start, count)`` returning the records of
+positions ``[start, start + count)`` of this rank's share of ``epoch`` (a NumPy structured array with the fields
+``index``, ``pad`` and ``params``, :func:`fastkd.data.record.params_dtype`), the loader draws nothing: each batch
+holds the recorded samples (``index`` >= 0, in order) with their recorded views, erasing and mixes.
 
 It has ``__len__`` (batches in a full epoch), ``set_epoch``, ``state_dict``/``load_state_dict``
 (epoch and position inside it, and the corrupt files met so far), the attributes ``num_classes``,
@@ -105,6 +111,7 @@ class BaseLoader:
         self._std = torch.tensor([255.0 * s for s in cfg.std]).view(1, 3, 1, 1)
         self.keep_clean_images = False  # also hand out the un-mixed images (batch["clean_images"]) when mixing
         self.record_views = False  # also hand out what was drawn for each sample (batch["view_params"])
+        self.replay = None  # (epoch, start, count) -> records: replay them instead of drawing (see the docstring)
         self._mixup = None
         if self.train and cfg.mixing:
             from timm.data import Mixup
@@ -200,10 +207,11 @@ class BaseLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch = self.epoch
         indices, pad, seeds = self._plan(epoch)
-        chunks = [
-            (indices[b:e], pad[b:e], seeds[b:e])
-            for b, e in sharding.batch_slices(len(indices), self.batch_size, self.drop_last, self.position)
-        ]
+        slices = sharding.batch_slices(len(indices), self.batch_size, self.drop_last, self.position)
+        if self.replay is None:
+            chunks = [(indices[b:e], pad[b:e], seeds[b:e]) for b, e in slices]
+        else:  # the records of each batch, read when the batch is (from a memory-mapped cache)
+            chunks = [(indices[b:e], pad[b:e], seeds[b:e], _Replayed(self.replay, epoch, b, e - b)) for b, e in slices]
         for raw, consumed in self._batches(chunks):
             batch = self._finish(raw, sharding.batch_seed(self.cfg.seed, epoch, self.position))
             self.position += consumed
@@ -211,7 +219,8 @@ class BaseLoader:
         self.epoch, self.position = epoch + 1, 0
 
     def _batches(self, chunks):  # -> iterator of (raw batch dict, samples consumed)
-        """``chunks``: ``(indices, is_pad, augmentation seeds)`` of each batch still to read this epoch."""
+        """``chunks``: ``(indices, is_pad, augmentation seeds)`` of each batch still to read this epoch, with a
+        fourth element when replaying: a :class:`_Replayed` (called: the batch's recorded samples and views)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------------
@@ -264,12 +273,22 @@ class BaseLoader:
         if views[0].dtype == torch.uint8:
             views = [self._normalize(v) for v in views]
         views = [v if v.dtype == self.dtype else v.to(self.dtype) for v in views]
-        params = record.new_params(self.cfg, raw["draws"]) if self.record_views else None
+        replayed = raw.get("params")  # the records the batch replays (``replay``), else None: drawn
+        if replayed is not None:
+            params = replayed
+        else:
+            params = record.new_params(self.cfg, raw["draws"]) if self.record_views else None
         if self._erase is not None:
             for v, view in enumerate(views):
-                boxes = self._random_erase(view, sharding.derived_seeds(raw["seeds"], v))
+                if replayed is not None:
+                    for image, box, noise in zip(view, replayed["erase"][:, v], replayed["erase_seed"][:, v]):
+                        record.replay_erase(self._erase, image, box, int(noise))
+                    continue
+                seeds = sharding.derived_seeds(raw["seeds"], v)
+                boxes = self._random_erase(view, seeds)
                 if params is not None:
                     params["erase"][:, v] = boxes
+                    params["erase_seed"][:, v] = seeds
         labels = torch.as_tensor(np.asarray(raw["labels"], dtype=np.int64)).to(self.device, non_blocking=True)
         batch: dict[str, Any] = {
             "images": views if self.num_views > 1 else views[0],
@@ -277,12 +296,17 @@ class BaseLoader:
             "index": torch.as_tensor(np.asarray(raw["index"], dtype=np.int64)),
             "is_pad": torch.as_tensor(np.asarray(raw["is_pad"], dtype=bool)),
         }
-        if self._mixup is not None:
+        if self._mixup is not None and replayed is not None:
+            if self.keep_clean_images:
+                batch["clean_images"] = views[0].clone()
+            batch["images"], batch["targets"] = record.replay_mix(views[0], labels, replayed, self.cfg.mixup_mode,
+                                                                  self.num_classes, self.cfg.label_smoothing)
+        elif self._mixup is not None:
             # timm draws from NumPy's global generator: seed it for this batch, then give it back untouched
             state = np.random.get_state()
             if params is not None:
                 np.random.seed(seed & 0xFFFFFFFF)
-                self._record_mix(params, views[0], batch["index"])
+                self._record_mix(params, views[0])
             np.random.seed(seed & 0xFFFFFFFF)
             try:
                 if self.keep_clean_images:  # timm mixes in place
@@ -302,13 +326,13 @@ class BaseLoader:
                 boxes.append(record.erase(self._erase, image))
         return boxes
 
-    def _record_mix(self, params: np.ndarray, x: torch.Tensor, index: torch.Tensor) -> None:
+    def _record_mix(self, params: np.ndarray, x: torch.Tensor) -> None:
         """Fill the Mixup/CutMix fields of ``params`` with what :meth:`_mix` is about to draw (see there)."""
         even = len(x) - len(x) % 2
         if not even:
             return
         for i, (j, lam, box) in enumerate(record.draw_mix(self._mixup, even, tuple(x.shape[-2:]))):
-            params["mix_with"][i], params["mix_lam"][i], params["mix_box"][i] = int(index[j]), lam, box
+            params["mix_partner"][i], params["mix_lam"][i], params["mix_box"][i] = j, lam, box
 
     def _mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """timm Mixup/CutMix; an odd batch (a last partial one) mixes its even prefix and gives the
@@ -329,6 +353,31 @@ class BaseLoader:
             f"rank={self.rank}/{self.world_size}, samples={len(self.source)}, batches/epoch={len(self)}, "
             f"device={self.device}, dtype={self.cfg.dtype})"
         )
+
+
+class _Replayed:
+    """The recorded rows of one batch (``loader.replay``), read once, when first asked for; picklable."""
+
+    def __init__(self, replay, epoch: int, start: int, count: int) -> None:
+        self.replay, self.epoch, self.start, self.count = replay, epoch, start, count
+        self._rows: np.ndarray | None = None
+
+    def __call__(self) -> np.ndarray:
+        """The batch's recorded samples (``index`` >= 0), in order: fields ``index``, ``pad`` and ``params``."""
+        if self._rows is None:
+            rows = self.replay(self.epoch, self.start, self.count)
+            if len(rows) != self.count:
+                raise ValueError(f"replay: {len(rows)} records for positions [{self.start}, "
+                                 f"{self.start + self.count}) of epoch {self.epoch}")
+            rows = rows[rows["index"] >= 0]
+            if not len(rows):
+                raise ValueError(f"replay: no recorded sample at positions [{self.start}, {self.start + self.count}) "
+                                 f"of epoch {self.epoch}")
+            self._rows = rows
+        return self._rows
+
+    def where(self, k: int) -> str:
+        return f"epoch {self.epoch} position {self.start + k}"
 
 
 def dali_available() -> bool:

@@ -31,7 +31,8 @@ from fastkd.data.transforms import seeded
 
 
 class _Dataset(torch.utils.data.Dataset):
-    """Items are ``(index, is_pad, seed)``; returns the decoded views or None plus any bad files met."""
+    """Items are ``(index, is_pad, seed)``, or ``(index, is_pad, 0, params, where)`` to replay the recorded view
+    parameters ``params`` (:mod:`fastkd.data.record`); returns the decoded views or None plus any bad files met."""
 
     def __init__(self, loader: TorchLoader) -> None:
         self.source = loader.source
@@ -64,9 +65,30 @@ class _Dataset(torch.utils.data.Dataset):
             views, draws = zip(*(transform.draw(img) for transform in self.transforms))
         return list(views), list(draws)
 
-    def __getitem__(self, item: tuple[int, bool, int], force_replace: bool = False) -> dict[str, Any]:
+    def replay(self, img: Image.Image, params) -> list[torch.Tensor]:
+        """The views of a sample from its recorded parameters (:meth:`TrainTransform.replay`)."""
+        ra = "ra_op" in params.dtype.names
+        return [t.replay(img, params["crop"][v], bool(params["flip"][v]), params["ra_op"][v] if ra else (),
+                         params["ra_arg"][v] if ra else ()) for v, t in enumerate(self.transforms)]
+
+    def __getitem__(self, item: tuple, force_replace: bool = False) -> dict[str, Any]:
         with pil_size_limit_lifted():  # DataConfig.max_image_pixels applies instead (see decode)
+            if len(item) == 5:
+                return self._replayed(item)
             return self._get(item, force_replace)
+
+    def _replayed(self, item: tuple) -> dict[str, Any]:
+        index, is_pad, params, where = int(item[0]), bool(item[1]), item[3], item[4]
+        img, problem = self.decode(index)
+        if img is None:
+            raise RuntimeError(f"replay: sample {index} ({self.source.describe(index)}), recorded at {where}, cannot "
+                               f"be read now: {problem}")
+        try:
+            views = self.replay(img, params)
+        except ValueError as exc:
+            raise ValueError(f"replay of sample {index} at {where}: {exc}") from None
+        return {"views": views, "params": params, "bad": [], "index": index, "is_pad": is_pad,
+                "label": int(self.source.labels[index]), "item": item}
 
     def _get(self, item: tuple[int, bool, int], force_replace: bool) -> dict[str, Any]:
         index, is_pad, seed = int(item[0]), bool(item[1]), int(item[2])
@@ -102,9 +124,11 @@ def _collate(items: list[dict[str, Any]], num_views: int, size: int) -> dict[str
         "index": np.array([it["index"] for it in good], dtype=np.int64),
         "is_pad": np.array([it["is_pad"] for it in good], dtype=bool),
         "seeds": np.array([it["item"][2] for it in good], dtype=np.uint64),
-        "draws": [it["draws"] for it in good],
+        "draws": [it.get("draws") for it in good],
         "bad": [b for it in items for b in it["bad"]],
         "first": items[0]["item"],
+        **({"params": np.array([it["params"] for it in good], dtype=good[0]["params"].dtype)}
+           if good and "params" in good[0] else {}),
     }
 
 
@@ -115,7 +139,12 @@ class _EpochBatches:
         self.chunks = chunks
 
     def __iter__(self):
-        for idx, pad, seeds in self.chunks:
+        for chunk in self.chunks:
+            if len(chunk) == 4:  # replay: the recorded samples and their view parameters
+                rows = chunk[3]()
+                yield [(int(r["index"]), bool(r["pad"]), 0, r["params"], chunk[3].where(k)) for k, r in enumerate(rows)]
+                continue
+            idx, pad, seeds = chunk
             yield list(zip(idx.tolist(), pad.tolist(), seeds.tolist()))
 
     def __len__(self) -> int:
@@ -156,7 +185,7 @@ class TorchLoader(BaseLoader):
                 gc.unfreeze()
         else:
             batches = iter(loader)
-        for (idx, _, _), raw in zip(chunks, batches):
+        for (idx, *_), raw in zip(chunks, batches):
             for index, reason in raw["bad"]:
                 self.record_bad(index, reason)
             if len(raw["index"]) == 0:  # every sample unreadable: never hand out an empty batch

@@ -271,6 +271,44 @@ class TrainTransform:
             img = step(img)
         return to_chw_uint8(img), drawn
 
+    def replay(self, img: Image.Image, crop, flip: bool, ra_op=(), ra_arg=()) -> torch.Tensor:
+        """The view of recorded draws (:mod:`fastkd.data.record`), drawing nothing: the crop window ``crop`` (left,
+        top, width, height) resized as ``RandomResizedCrop`` does, the flip, and RandAugment's operations ``ra_op``
+        (indices into its operation list; -1: not applied) run by timm's operation functions with the recorded
+        arguments ``ra_arg``. Equals :meth:`draw`'s view for its own draws."""
+        from torchvision.transforms import functional as F
+
+        if self.view_steps:
+            raise ValueError("TrainTransform.replay: the self-supervised view augmentation (colour jitter, grayscale, "
+                             "blur, solarize) is not recorded and cannot be replayed")
+        left, top, w, h = (int(x) for x in crop)
+        if left < 0 or top < 0 or w < 1 or h < 1 or left + w > img.width or top + h > img.height:
+            raise ValueError(f"recorded crop window (left, top, width, height) = {(left, top, w, h)} does not fit "
+                             f"the {img.width}x{img.height} image")
+        c = self.crop
+        img = F.resized_crop(img, top, left, h, w, c.size, c.interpolation, antialias=c.antialias)
+        if flip:
+            img = F.hflip(img)
+        for op, arg in zip(np.asarray(ra_op).tolist(), np.asarray(ra_arg).tolist()):
+            if op >= 0:
+                img = self._replay_op(img, int(op), arg)
+        return to_chw_uint8(img)
+
+    def _replay_op(self, img: Image.Image, index: int, arg: float) -> Image.Image:
+        """RandAugment operation ``index`` (timm's own function) applied with the recorded argument ``arg``."""
+        ops = self.rand_augment.ops if self.rand_augment is not None else []
+        if not 0 <= index < len(ops):
+            raise ValueError(f"recorded RandAugment operation {index} is not one of this policy's {len(ops)}")
+        op = ops[index].op  # timm's AugmentOp (its functions wrapped by _Noted)
+        fn = op.aug_fn.fn if isinstance(op.aug_fn, _Noted) else op.aug_fn
+        if op.level_fn is None:
+            return fn(img, **op.kwargs)
+        if math.isnan(arg):
+            raise ValueError(f"recorded RandAugment operation {op.name} has no argument")
+        # timm's level functions give these operations an int (bits, threshold, addend), the others a float
+        level = int(arg) if op.name.startswith(("Posterize", "Solarize")) else arg
+        return fn(img, level, **op.kwargs)
+
 
 def random_resized_crop_box(
     rng: np.random.Generator, height: int, width: int, scale, ratio

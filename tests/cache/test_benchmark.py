@@ -20,9 +20,9 @@ def test_bench_cache_size_rows_follow_the_format(tmp_path):
     for r in sizes:
         c = r["cfg"]
         k, classes, item = c["k"], c["classes"], 4 if c["dtype"] == "float32" else 2
-        # index (int64) + view parameters + fingerprint (3 float32) + K logits; below all classes also K class ids
-        # (int32) and the tail logit (float32)
-        want = 8 + c["view_params_bytes"] + 12 + k * item + (k * 4 + 4 if k < classes else 0)
-        header = float(r["p50"]) - want  # the .npy header, spread over the shard's images
-        assert 0 < header * c["images"] <= 4096, (r["provider"], r["mode"], r["p50"], want)
+        # index (int64) + pad (bool) + view parameters + fingerprint (3 float32) + K logits; below all classes also K
+        # class ids (int32) and the tail logit (float32)
+        want = 8 + 1 + c["view_params_bytes"] + 12 + k * item + (k * 4 + 4 if k < classes else 0)
+        header = (float(r["p50"]) - want) * c["images"]  # the .npy header (the record's long descr: a few KiB)
+        assert 0 < header <= 8192, (r["provider"], r["mode"], r["p50"], want)
     assert json.loads(sizes[0]["config"])["views_of"] == "deit_s_in1k"
