@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import time
 
 import pytest
 import timm
@@ -354,8 +355,19 @@ def test_two_ranks_equal_one_process(tmp_path):
     """The loss and the DDP-averaged gradient of 2 ranks (fp32, half the batch each) against the reference on the
     whole batch in fp64, held to a small multiple of the fp32 reference's own rounding error."""
     result = tmp_path / "result.pt"
-    # forked ranks: the same code as spawned ones without two fresh interpreters importing torch, timm and fastkd
-    mp.start_processes(_rank_worker, args=(2, str(tmp_path / "store"), str(result)), nprocs=2, start_method="fork")
+    # forked ranks: the same code as spawned ones without two fresh interpreters importing torch, timm and fastkd;
+    # a rank that hangs (a lock inherited through fork) fails the test instead of stalling the suite
+    ranks = mp.start_processes(_rank_worker, args=(2, str(tmp_path / "store"), str(result)), nprocs=2,
+                               start_method="fork", join=False)
+    deadline = time.monotonic() + 300
+    try:
+        while not ranks.join(timeout=1):
+            assert time.monotonic() < deadline, "the 2 forked ranks did not finish in 300 s"
+    finally:
+        for p in ranks.processes:
+            if p.is_alive():
+                p.kill()
+                p.join()
     got = torch.load(result)
     for variant in _DIST_VARIANTS:
         torch.manual_seed(0)
