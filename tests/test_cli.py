@@ -1,4 +1,7 @@
-"""The console entry point: ``fastkd info`` and ``fastkd bench kernels`` on a fresh process."""
+"""The console entry point: ``fastkd info`` and ``fastkd bench kernels``.
+
+One test runs the real entry point (``python -m fastkd``) in a fresh process; the others are about the output
+and call :func:`fastkd.cli.main` in this process (a fresh interpreter spends seconds importing torch)."""
 
 from __future__ import annotations
 
@@ -7,35 +10,41 @@ import json
 import subprocess
 import sys
 
+from fastkd.cli import main
+
 
 def fastkd(*args, env=None, timeout=300):
     return subprocess.run([sys.executable, "-m", "fastkd", *args], capture_output=True, text=True, timeout=timeout,
                           env=env)
 
 
-def test_info_reports_versions_devices_and_kernels():
-    out = fastkd("info")
+def info_json(capsys) -> dict:
+    capsys.readouterr()
+    assert main(["info", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_info_reports_versions_devices_and_kernels(capsys):
+    out = fastkd("info")  # the real entry point, in a fresh process
     assert out.returncode == 0, out.stderr
     for word in ("fastkd", "torch", "triton", "timm", "DALI", "DeepSpeed", "xformers", "devices", "attention_kl"):
         assert word in out.stdout, f"{word!r} missing from fastkd info:\n{out.stdout}"
-    as_json = json.loads(fastkd("info", "--json").stdout)
+    as_json = info_json(capsys)
     assert as_json["kernels"]["cpu"]["attention_kl"] == "torch"
     assert as_json["versions"]["fastkd"]
 
 
-def test_info_honours_forced_kernels(monkeypatch):
-    import os
-
-    env = {**os.environ, "FASTKD_KERNELS": "reference"}
-    as_json = json.loads(fastkd("info", "--json", env=env).stdout)
+def test_info_honours_forced_kernels(monkeypatch, capsys):
+    monkeypatch.setenv("FASTKD_KERNELS", "reference")
+    as_json = info_json(capsys)
     assert as_json["kernels"]["cpu"]["attention_kl"] == "reference"
 
 
 def test_bench_kernels_writes_csv(tmp_path):
     out_csv = tmp_path / "ak.csv"
-    out = fastkd("bench", "kernels", "--shapes", "1,2,17,16", "--providers", "fastkd,eager", "--dtypes", "fp32",
-                 "--rep-ms", "5", "--no-plot", "--out", str(out_csv))
-    assert out.returncode == 0, out.stderr[-2000:]
+    rc = main(["bench", "kernels", "--shapes", "1,2,17,16", "--providers", "fastkd,eager", "--dtypes", "fp32",
+               "--rep-ms", "5", "--no-plot", "--out", str(out_csv)])
+    assert rc == 0
     rows = [r for r in csv.DictReader(open(out_csv)) if r["metric"] == "time"]
     assert {(r["provider"], r["mode"]) for r in rows} == {
         (p, m) for p in ("fastkd", "eager") for m in ("forward", "backward", "full")

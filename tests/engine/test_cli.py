@@ -12,7 +12,7 @@ import fastkd.methods as methods
 from fastkd.cli import main
 from fastkd.config import recipe_path
 from tests.engine.helpers import REPO
-from tests.engine.helpers import run_cli
+from tests.engine.helpers import run_cli_together
 
 VIT = "{img_size: 16, patch_size: 8, embed_dim: 16, depth: 2, num_heads: 2, mlp_ratio: 2.0}"
 TVIT = "{img_size: 16, patch_size: 8, embed_dim: 24, depth: 2, num_heads: 2, mlp_ratio: 2.0}"
@@ -117,19 +117,24 @@ def test_python_m_fastkd_train_resume_eval(tmp_path, tiny_data):
         "train: {steps: 4, log_every: 1, progress: false, ema: true, ema_decay: 0.5}\n"
     )
     common = _common(tmp_path, tiny_data, "a")[:3] + _common(tmp_path, tiny_data, "a")[4:]
-    # uninterrupted, 4 steps
-    r = run_cli(["train", "--config", str(recipe), *common, "train.steps=4"], cwd=REPO)
+    common_b = [c.replace("run.name=a", "run.name=b") for c in common]
+    # a: uninterrupted, 4 steps. b: interrupted, a run whose process ends after 2 of 4 steps (ckpt_every=2 + kill is
+    # simulated by a steps=4 run resumed from its step-2 checkpoint in a new process). Independent processes: run
+    # side by side, as are the resume of b and the evaluations of a below.
+    r, r_b = run_cli_together(["train", "--config", str(recipe), *common, "train.steps=4"],
+                              ["train", "--config", str(recipe), *common_b, "train.ckpt_every=2", "train.keep_ckpts=5"],
+                              cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| top1" in r.stdout  # summary table
     full = torch.load(tmp_path / "a" / "ckpt" / "last.pt", weights_only=True)
-    # interrupted: a run whose process ends after 2 of 4 steps (ckpt_every=2 + kill is simulated by a steps=4 run
-    # resumed from its step-2 checkpoint in a new process)
-    common_b = [c.replace("run.name=a", "run.name=b") for c in common]
-    r = run_cli(["train", "--config", str(recipe), *common_b, "train.ckpt_every=2", "train.keep_ckpts=5"], cwd=REPO)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r_b.returncode == 0, r_b.stderr[-3000:]
     step2 = tmp_path / "b" / "ckpt" / "step_00000002.pt"
     assert step2.is_file()
-    r = run_cli(["train", "--config", str(recipe), *common_b, "--resume", str(step2)], cwd=REPO)
+    last_a = str(tmp_path / "a" / "ckpt" / "last.pt")
+    r, r_eval, r_ema = run_cli_together(["train", "--config", str(recipe), *common_b, "--resume", str(step2)],
+                                        ["eval", "--config", str(recipe), *common, "--checkpoint", last_a],
+                                        ["eval", "--config", str(recipe), *common, "--ema", "--checkpoint", last_a],
+                                        cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr
     resumed = torch.load(tmp_path / "b" / "ckpt" / "last.pt", weights_only=True)
@@ -137,13 +142,11 @@ def test_python_m_fastkd_train_resume_eval(tmp_path, tiny_data):
     for k, v in full["method"].items():
         torch.testing.assert_close(resumed["method"][k], v, rtol=0, atol=0, msg=k)
     # eval of the checkpoint gives the training run's final top-1
-    r = run_cli(["eval", "--config", str(recipe), *common, "--checkpoint", str(tmp_path / "a" / "ckpt" / "last.pt")],
-                cwd=REPO)
+    r = r_eval
     assert r.returncode == 0, r.stderr[-3000:]
     top1 = float(next(line for line in r.stdout.splitlines() if "top1" in line).split("|")[2])
     assert top1 == pytest.approx(full["metrics"]["top1"], abs=0.01)
-    r = run_cli(["eval", "--config", str(recipe), *common, "--ema", "--checkpoint",
-                 str(tmp_path / "a" / "ckpt" / "last.pt")], cwd=REPO)
+    r = r_ema
     assert r.returncode == 0, r.stderr[-3000:]
     ema_top1 = float(next(line for line in r.stdout.splitlines() if "top1" in line).split("|")[2])
     assert ema_top1 == pytest.approx(full["metrics"]["ema_top1"], abs=0.01)  # the run's own EMA evaluation

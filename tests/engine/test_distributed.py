@@ -13,6 +13,7 @@ import torch
 
 from tests.engine.helpers import REPO
 from tests.engine.helpers import run_cli
+from tests.engine.helpers import run_cli_together
 
 pytestmark = pytest.mark.distributed
 
@@ -108,10 +109,14 @@ def test_deepspeed_student_resume_is_exact(tmp_path, tiny_data):
     )
     common = [f"run.output_dir={tmp_path}", "run.device=cpu", f"data.root={tiny_data}", "data.img_size=16",
               "data.batch_size=4", "data.num_workers=0", "data.backend=torch"]
-    for args in (["run.name=full"], ["run.name=split", "train.ckpt_every=2", "train.keep_ckpts=5"],
-                 ["run.name=split", "--resume", str(tmp_path / "split" / "ckpt" / "step_00000002.pt")]):
-        r = run_cli(["train", "--config", str(recipe), *common, *args], cwd=REPO, timeout=200)
+    # the uninterrupted and the interrupted run are independent processes: side by side; then the resume
+    train = ["train", "--config", str(recipe), *common]
+    for r in run_cli_together([*train, "run.name=full"], [*train, "run.name=split", "train.ckpt_every=2",
+                                                          "train.keep_ckpts=5"], cwd=REPO, timeout=200):
         assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli([*train, "run.name=split", "--resume", str(tmp_path / "split" / "ckpt" / "step_00000002.pt")],
+                cwd=REPO, timeout=200)
+    assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr
     full = torch.load(tmp_path / "full" / "ckpt" / "last.pt", weights_only=True)
     split = torch.load(tmp_path / "split" / "ckpt" / "last.pt", weights_only=True)

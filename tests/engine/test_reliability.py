@@ -213,13 +213,38 @@ runpy.run_module("fastkd", run_name="__main__", alter_sys=True)
 """
 
 
-@pytest.mark.parametrize("how", ["ENOSPC", "EFBIG"])
-def test_full_disk_keeps_the_last_good_checkpoint(how, tmp_path, tiny_data):
+FULL_DISK = ("ENOSPC", "EFBIG")
+
+
+@pytest.fixture(scope="module")
+def full_disk_runs(tmp_path_factory, tiny_data):
+    """The run of each way the disk fills up, each in its own folder: independent processes (one thread each),
+    started side by side. {how: (folder, completed process)}."""
+    started = {}
+    for how in FULL_DISK:
+        tmp = tmp_path_factory.mktemp(how)
+        args = _args(tmp, tiny_data, "r", "train.steps=4", "train.ckpt_every=2", "train.keep_ckpts=5")
+        started[how] = tmp, subprocess.Popen([sys.executable, "-c", _FULL_DISK, how, *args], cwd=REPO,
+                                             env=env_for_subprocess(), stdout=subprocess.PIPE,
+                                             stderr=subprocess.PIPE, text=True)
+    done = {}
+    try:
+        for how, (tmp, proc) in started.items():
+            out, err = proc.communicate(timeout=240)
+            done[how] = tmp, subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    finally:
+        for _, proc in started.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return done
+
+
+@pytest.mark.parametrize("how", FULL_DISK)
+def test_full_disk_keeps_the_last_good_checkpoint(how, full_disk_runs):
     """A full disk in the middle of a checkpoint: one line naming the last good checkpoint, exit code 2, that
     checkpoint loads, no partial file is left behind."""
-    args = _args(tmp_path, tiny_data, "r", "train.steps=4", "train.ckpt_every=2", "train.keep_ckpts=5")
-    r = subprocess.run([sys.executable, "-c", _FULL_DISK, how, *args], cwd=REPO, env=env_for_subprocess(),
-                       capture_output=True, text=True, timeout=240)
+    tmp_path, r = full_disk_runs[how]
     folder = tmp_path / "runs" / "r" / "ckpt"
     reason = {"ENOSPC": "No space left on device", "EFBIG": "File too large"}[how]
     assert r.returncode == 2, r.stderr[-3000:]

@@ -44,10 +44,18 @@ def _params(trainer):
     return {k: v.detach().clone() for k, v in trainer.method.state_dict().items()}
 
 
-def test_stop_and_resume_is_exact(tmp_path):
-    # 40 samples / 4 per batch = 10 micro-batches = 5 steps per epoch; 2 epochs = 10 steps
-    full = _trainer(_cfg(tmp_path, "full"))
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """The uninterrupted reference run both resume tests compare with (the same configuration in each): trained once.
+    """
+    full = _trainer(_cfg(tmp_path_factory.mktemp("full"), "full"))
     full.train()
+    return full
+
+
+def test_stop_and_resume_is_exact(tmp_path, full_run):
+    # 40 samples / 4 per batch = 10 micro-batches = 5 steps per epoch; 2 epochs = 10 steps
+    full = full_run
     assert full.step == 10 and full.epoch == 2
     ref = _params(full)
     ref_ema = {k: v.clone() for k, v in full.method.ema.module.state_dict().items()}
@@ -68,9 +76,8 @@ def test_stop_and_resume_is_exact(tmp_path):
     assert resumed.lr() == full.lr()
 
 
-def test_resume_at_epoch_boundary_is_exact(tmp_path):
-    full = _trainer(_cfg(tmp_path, "full"))
-    full.train()
+def test_resume_at_epoch_boundary_is_exact(tmp_path, full_run):
+    full = full_run
     part = _trainer(_cfg(tmp_path, "split"))
     part.train(stop_at=5)  # exactly the end of epoch 0
     resumed = _trainer(_cfg(tmp_path, "split", f"run.resume={tmp_path / 'split' / 'ckpt' / 'last.pt'}"), seed=7)
