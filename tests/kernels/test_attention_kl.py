@@ -176,7 +176,9 @@ def test_reductions_are_consistent():
     torch.testing.assert_close(attention_kl(*inputs, reduction="batchmean"), per_row.sum() / 3)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+# the Triton path in every dtype at this shape (N=197, d_s=32 != d_t=16, pairs over H_t=3), both directions:
+# test_attention_kl_paths.py::test_tails_in_rows_and_keys
+@pytest.mark.parametrize("impl", ["torch", "reference"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dtypes(impl, dtype):
     inputs = make_inputs(2, 2, 3, 197, 32, 16, dtype_s=dtype, seed=11)
