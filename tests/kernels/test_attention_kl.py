@@ -154,9 +154,17 @@ def test_n577_all_rows(impl):
     check(impl, inputs)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+# The reductions are torch code after the op (fastkd/functional.py), the same for every implementation; what a
+# scalar reduction changes for the kernels is only the value of a uniform upstream gradient (the launchers make it
+# a contiguous fp32 [B, P, R] tensor). So Triton runs "none" (random upstream) and "sum" (grad_output == 1) per
+# direction; "mean" and "batchmean" (the same kernels, upstream 1/(B*P*R) and 1/B) run for torch and reference.
+REDUCTION_CASES = [pytest.param(impl, reduction, id=f"{reduction}-{impl}") for reduction in
+                   ("none", "sum", "mean", "batchmean") for impl in IMPLS
+                   if impl != "triton" or reduction in ("none", "sum")]
+
+
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
-@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "batchmean"])
+@pytest.mark.parametrize("impl, reduction", REDUCTION_CASES)
 def test_reductions_and_directions(impl, direction, reduction):
     inputs = make_inputs(3, 2, 2, 33, 16, 16, seed=7)
     kw = dict(direction=direction, pairs=[(0, 1), (1, 1)])
@@ -176,7 +184,9 @@ def test_reductions_are_consistent():
     torch.testing.assert_close(attention_kl(*inputs, reduction="batchmean"), per_row.sum() / 3)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+# the Triton path in every dtype at this shape (N=197, d_s=32 != d_t=16, pairs over H_t=3), both directions:
+# test_attention_kl_paths.py::test_tails_in_rows_and_keys
+@pytest.mark.parametrize("impl", ["torch", "reference"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dtypes(impl, dtype):
     inputs = make_inputs(2, 2, 3, 197, 32, 16, dtype_s=dtype, seed=11)

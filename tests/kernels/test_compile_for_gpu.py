@@ -36,22 +36,70 @@ def _child(code: str, timeout: int = 900) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def compiled(which: str, arch: int, dtype: str, **kw) -> dict:
-    """{kernel name (+ " (tail)"): facts} of every launch the launcher makes (N=197, d=64), compiled for sm_<arch>."""
+def _launch_call(which: str, arch: int, dtype: str, kw: dict) -> str:
+    """The kernel_model call that compiles every launch of one launcher configuration (N=197, d=64)."""
     call = {"attention_kl": "attention_kl_launches", "attribution": "head_importance_launches",
             "entropy": "head_importance_launches"}[which]  # fmt: skip
     extra = "" if which == "attention_kl" else f", {which!r}"
     kwargs = "".join(f", {k}={v!r}" for k, v in kw.items())
+    return f"M.{call}({arch}, 197, {dtype!r}{extra}{kwargs})"
+
+
+def _key(which: str, arch: int, dtype: str, kw: dict) -> str:
+    return json.dumps([which, arch, dtype, kw], sort_keys=True)
+
+
+def compiled_all(configs: list[tuple[str, int, str, dict]]) -> dict:
+    """{config key: {kernel name (+ " (tail)"): facts}} of every launch each launcher configuration makes, compiled
+    for its sm_<arch> -- all in one child process (one import of torch/Triton/fastkd, and kernels that several
+    configurations share are compiled once). A configuration that fails to compile maps to {"error": traceback}."""
+    calls = "".join(f"    ({_key(*c)!r}, lambda: {_launch_call(*c)}),\n" for c in configs)
     return _child(f"""
-out = {{}}
-for l in M.{call}({arch}, 197, {dtype!r}{extra}{kwargs}):
-    s = M.read_sass(l.kernel.asm["cubin"])
-    name = l.name + (" (tail)" if M.is_tail(l) else "")
-    out[name] = dict(shared=l.kernel.metadata.shared, asm=sorted(l.kernel.asm), regs=s.regs,
-                       spill=s.local_bytes + s.spill_instr, loops=len(s.loops),
-                       mma=sum(x["mma"] for x in s.loops), warps=l.num_warps)
-print(json.dumps(out))
+import traceback
+results = {{}}
+for key, launch in [
+{calls}]:
+    try:
+        out = {{}}
+        for l in launch():
+            s = M.read_sass(l.kernel.asm["cubin"])
+            name = l.name + (" (tail)" if M.is_tail(l) else "")
+            out[name] = dict(shared=l.kernel.metadata.shared, asm=sorted(l.kernel.asm), regs=s.regs,
+                             spill=s.local_bytes + s.spill_instr, loops=len(s.loops),
+                             mma=sum(x["mma"] for x in s.loops), warps=l.num_warps)
+        results[key] = out
+    except Exception:
+        results[key] = {{"error": traceback.format_exc()[-3000:]}}
+print(json.dumps(results))
 """)
+
+
+HEAD_IMPORTANCE_CONFIGS = [("attribution", "bf16", 90), ("entropy", "bf16", 90), ("attribution", "fp32", 80)]
+ATTENTION_KL_CONFIGS = [
+    ("bf16", 90, {}), ("bf16", 90, {"reverse": True}), ("fp16", 80, {}), ("bf16", 80, {}), ("fp32", 90, {}),
+    ("bf16", 90, {"given_lse": True}), ("bf16", 90, {"deterministic": False}), ("bf16", 90, {"fused": False}),
+    ("fp16", 80, {"fused": False}),
+]  # fmt: skip
+
+
+def _all_configs() -> list[tuple[str, int, str, dict]]:
+    head = [(which, arch, dtype, {"given_lse": which == "attribution"}) for which, dtype, arch in
+            HEAD_IMPORTANCE_CONFIGS]
+    return head + [("attention_kl", arch, dtype, kw) for dtype, arch, kw in ATTENTION_KL_CONFIGS]
+
+
+@pytest.fixture(scope="module")
+def compiled_results() -> dict:
+    """Every configuration the tests below check, compiled once for the module."""
+    pytest.importorskip("triton")
+    return compiled_all(_all_configs())
+
+
+def compiled(results: dict, which: str, arch: int, dtype: str, **kw) -> dict:
+    """One configuration's {kernel name: facts}; fails with the child's traceback if it did not compile."""
+    result = results[_key(which, arch, dtype, kw)]
+    assert "error" not in result, f"{which} sm_{arch} {dtype} {kw} did not compile:\n{result.get('error')}"
+    return result
 
 
 def _check(result: dict, arch: int, dtype: str) -> None:
@@ -66,26 +114,18 @@ def _check(result: dict, arch: int, dtype: str) -> None:
             assert info["mma"] > 0, f"{name}: no tensor-core instruction in the inner loop ({dtype})"
 
 
-@pytest.mark.parametrize("which, dtype, arch", [("attribution", "bf16", 90), ("entropy", "bf16", 90),
-                                                ("attribution", "fp32", 80)])
-def test_head_importance_kernel_compiles_for_gpu(which, dtype, arch):
-    pytest.importorskip("triton")
-    result = compiled(which, arch, dtype, given_lse=which == "attribution")
+@pytest.mark.parametrize("which, dtype, arch", HEAD_IMPORTANCE_CONFIGS)
+def test_head_importance_kernel_compiles_for_gpu(compiled_results, which, dtype, arch):
+    result = compiled(compiled_results, which, arch, dtype, given_lse=which == "attribution")
     assert {name.split()[0] for name in result} == {"_head_importance_kernel"}
     _check(result, arch, dtype)
 
 
-@pytest.mark.parametrize(
-    "dtype, arch, kw",
-    [("bf16", 90, {}), ("bf16", 90, {"reverse": True}), ("fp16", 80, {}), ("bf16", 80, {}), ("fp32", 90, {}),
-     ("bf16", 90, {"given_lse": True}), ("bf16", 90, {"deterministic": False}), ("bf16", 90, {"fused": False}),
-     ("fp16", 80, {"fused": False})],
-)  # fmt: skip
-def test_kernels_compile_for_gpu(dtype, arch, kw):
+@pytest.mark.parametrize("dtype, arch, kw", ATTENTION_KL_CONFIGS)
+def test_kernels_compile_for_gpu(compiled_results, dtype, arch, kw):
     """The default fused backward (and the options' kernels) compiled as launched: registers, shared memory, no
     spills (sm_80's two-kernel dK excepted, NOTES.md), an inner loop with tensor-core instructions."""
-    pytest.importorskip("triton")
-    result = compiled("attention_kl", arch, dtype, **kw)
+    result = compiled(compiled_results, "attention_kl", arch, dtype, **kw)
     assert {name.split()[0] for name in result} == (ATTENTION_KL if kw.get("fused", True) else TWO_KERNEL)
     assert any("tail" in name for name in result), "N=197 must compile the narrow remainder launches too"
     _check(result, arch, dtype)
