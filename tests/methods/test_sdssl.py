@@ -314,8 +314,7 @@ def test_bad_configurations():
 
 
 def _rank_worker(rank, world, store, result_file):
-    # a forked child: one intra-op thread (a thread pool inherited through fork is not safe to use, and 2 ranks
-    # share the host's cores)
+    # one intra-op thread per rank: 2 ranks share the host's cores
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
@@ -355,10 +354,10 @@ def test_two_ranks_equal_one_process(tmp_path):
     """The loss and the DDP-averaged gradient of 2 ranks (fp32, half the batch each) against the reference on the
     whole batch in fp64, held to a small multiple of the fp32 reference's own rounding error."""
     result = tmp_path / "result.pt"
-    # forked ranks: the same code as spawned ones without two fresh interpreters importing torch, timm and fastkd;
-    # a rank that hangs (a lock inherited through fork) fails the test instead of stalling the suite
+    # spawned ranks: forking is refused once the suite has run autograd in this process (its worker threads do not
+    # survive a fork); a rank that hangs fails the test instead of stalling the suite
     ranks = mp.start_processes(_rank_worker, args=(2, str(tmp_path / "store"), str(result)), nprocs=2,
-                               start_method="fork", join=False)
+                               start_method="spawn", join=False)
     deadline = time.monotonic() + 300
     try:
         while not ranks.join(timeout=1):
