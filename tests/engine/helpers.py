@@ -78,10 +78,11 @@ def run_cli(args: list[str], *, cwd: Path, timeout: float = 240, launcher: list[
     return subprocess.run(cmd, cwd=cwd, env=env_for_subprocess(), capture_output=True, text=True, timeout=timeout)
 
 
-def run_cli_together(*runs: list[str], cwd: Path, timeout: float = 240) -> list[subprocess.CompletedProcess]:
+def run_cli_together(*runs: list[str], cwd: Path, timeout: float = 240,
+                     launcher: list[str] | None = None) -> list[subprocess.CompletedProcess]:
     """:func:`run_cli` of independent runs (argument lists) at the same time, results in the same order: each
     process uses one thread (``OMP_NUM_THREADS=1``), so two of them keep a 2-core machine busy."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=len(runs)) as pool:
-        return list(pool.map(lambda args: run_cli(args, cwd=cwd, timeout=timeout), runs))
+        return list(pool.map(lambda args: run_cli(args, cwd=cwd, timeout=timeout, launcher=launcher), runs))

@@ -24,6 +24,7 @@ from tests.engine.conftest import write_quadrant_folder
 from tests.engine.helpers import REPO
 from tests.engine.helpers import env_for_subprocess
 from tests.engine.helpers import run_cli
+from tests.engine.helpers import run_cli_together
 
 VIT = "{img_size: 16, patch_size: 8, embed_dim: 16, depth: 2, num_heads: 2, mlp_ratio: 2.0}"
 
@@ -220,24 +221,11 @@ FULL_DISK = ("ENOSPC", "EFBIG")
 def full_disk_runs(tmp_path_factory, tiny_data):
     """The run of each way the disk fills up, each in its own folder: independent processes (one thread each),
     started side by side. {how: (folder, completed process)}."""
-    started = {}
-    for how in FULL_DISK:
-        tmp = tmp_path_factory.mktemp(how)
-        args = _args(tmp, tiny_data, "r", "train.steps=4", "train.ckpt_every=2", "train.keep_ckpts=5")
-        started[how] = tmp, subprocess.Popen([sys.executable, "-c", _FULL_DISK, how, *args], cwd=REPO,
-                                             env=env_for_subprocess(), stdout=subprocess.PIPE,
-                                             stderr=subprocess.PIPE, text=True)
-    done = {}
-    try:
-        for how, (tmp, proc) in started.items():
-            out, err = proc.communicate(timeout=240)
-            done[how] = tmp, subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    finally:
-        for _, proc in started.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return done
+    folders = {how: tmp_path_factory.mktemp(how) for how in FULL_DISK}
+    runs = [[how, *_args(tmp, tiny_data, "r", "train.steps=4", "train.ckpt_every=2", "train.keep_ckpts=5")]
+            for how, tmp in folders.items()]
+    done = run_cli_together(*runs, cwd=REPO, timeout=240, launcher=[sys.executable, "-c", _FULL_DISK])
+    return {how: (tmp, r) for (how, tmp), r in zip(folders.items(), done)}
 
 
 @pytest.mark.parametrize("how", FULL_DISK)
