@@ -30,3 +30,18 @@ def _seed_and_env(monkeypatch):
     torch.manual_seed(0)
     monkeypatch.delenv("FASTKD_KERNELS", raising=False)
     yield
+
+
+@pytest.fixture
+def one_intra_op_thread():
+    """One torch intra-op thread for the test, for modules of small tensors only (at most a few [N, N] maps,
+    N <= 577): their fp64 oracles and torch implementations run a few hundred microseconds per op, where a second
+    OpenMP thread only adds its start and its barrier -- and on a loaded CI host (or a machine shared with other
+    jobs) a barrier that waits for a descheduled thread costs milliseconds per op (measured: the fp64 oracle of one
+    N=197 case 0.01-0.05 s with one thread, 1.7-2.1 s with two, on a 2-core host with a load of 7). The Triton
+    interpreter runs numpy, which this does not touch. Results do not depend on it beyond rounding order, which the
+    dtype-derived tolerances cover (tests/utils.py)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

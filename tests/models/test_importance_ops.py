@@ -17,13 +17,7 @@ SHAPES = [(1, 2, 197, 64, 64), (2, 3, 37, 24, 40), (2, 2, 1, 16, 16), (1, 2, 70,
 IMPLS = ["torch", "triton", "reference"]
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Small tensors only: one intra-op thread (see tests/kernels/conftest.py for why)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # small tensors only (tests/conftest.py)
 
 
 def _inputs(B, H, N, d, dv, dtype=torch.float32, spread=2.0):
