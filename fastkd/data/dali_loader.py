@@ -43,6 +43,7 @@ import torch
 
 from fastkd.data.config import DataConfig
 from fastkd.data.loader import BaseLoader
+from fastkd.data.record import recorded_box
 from fastkd.data.transforms import SOLARIZE_THRESHOLD
 from fastkd.data.transforms import open_image
 from fastkd.data.transforms import random_resized_crop_box
@@ -582,10 +583,7 @@ class DaliLoader(BaseLoader):
                              "recorded and cannot be replayed")
         out = []
         for v in range(self.num_views):
-            left, top, w, h = (int(x) for x in params["crop"][v])
-            if left < 0 or top < 0 or w < 1 or h < 1 or left + w > width or top + h > height:
-                raise ValueError(f"recorded crop window (left, top, width, height) = {(left, top, w, h)} does not "
-                                 f"fit the {width}x{height} image")
+            left, top, w, h = recorded_box(params["crop"][v], height, width, "crop window")
             out += [np.array([left, top], dtype=np.int32), np.array([w, h], dtype=np.int32),
                     np.array(bool(params["flip"][v]), dtype=np.int32)]
             if cfg.randaugment > 0:

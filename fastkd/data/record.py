@@ -150,12 +150,16 @@ def unrecorded_augmentation(cfg: DataConfig) -> str | None:
             "and its draws are not recorded")
 
 
-def _box_inside(box, height: int, width: int, what: str) -> tuple[int, int, int, int]:
+def recorded_box(box, height: int, width: int, what: str, *, optional: bool = False) -> tuple[int, int, int, int]:
+    """A recorded ``(left, top, width, height)`` as ints, checked to lie inside a ``width`` x ``height`` image (a
+    ValueError naming ``what`` otherwise). A crop window is at least 1x1; an ``optional`` box (erasing, CutMix) may
+    be empty, or absent: width -1, returned as recorded."""
     left, top, w, h = (int(b) for b in box)
-    if w < 0:
+    if optional and w < 0:
         return left, top, w, h
-    if left < 0 or top < 0 or h < 0 or left + w > width or top + h > height:
-        raise ValueError(f"recorded {what} box (left, top, width, height) = {(left, top, w, h)} does not fit the "
+    least = 0 if optional else 1
+    if left < 0 or top < 0 or w < least or h < least or left + w > width or top + h > height:
+        raise ValueError(f"recorded {what} (left, top, width, height) = {(left, top, w, h)} does not fit the "
                          f"{width}x{height} image")
     return left, top, w, h
 
@@ -169,7 +173,7 @@ def replay_erase(eraser, image, box, seed: int) -> None:
     from fastkd.data.transforms import seeded
 
     chan, height, width = image.shape
-    left, top, w, h = _box_inside(box, height, width, "random-erasing")
+    left, top, w, h = recorded_box(box, height, width, "random-erasing box", optional=True)
     if w < 0:
         return
     with seeded(int(seed), image.device):
@@ -197,7 +201,7 @@ def replay_mix(x, labels, params: np.ndarray, mode: str, num_classes: int, smoot
         raise ValueError(f"recorded Mixup/CutMix partner {int(partner[i])} of position {i} lies outside its batch "
                          f"of {b}")
     height, width = x.shape[-2:]
-    boxes = [_box_inside(box, height, width, "CutMix") for box in params["mix_box"]]
+    boxes = [recorded_box(box, height, width, "CutMix box", optional=True) for box in params["mix_box"]]
     own = np.flatnonzero(partner < 0)
     lam[own], partner[own] = 1.0, own  # not mixed: all its own
     orig = x.clone()
@@ -231,4 +235,5 @@ def replay_mix(x, labels, params: np.ndarray, mode: str, num_classes: int, smoot
     return x, targets
 
 
-__all__ = ["draw_mix", "erase", "new_params", "params_dtype", "replay_erase", "replay_mix", "unrecorded_augmentation"]
+__all__ = ["draw_mix", "erase", "new_params", "params_dtype", "recorded_box", "replay_erase", "replay_mix",
+           "unrecorded_augmentation"]

@@ -21,6 +21,7 @@ from PIL import Image
 from PIL import ImageOps
 
 from fastkd.data.config import DataConfig
+from fastkd.data.record import recorded_box
 
 SOLARIZE_THRESHOLD = 128  # PIL's default: values >= 128 are inverted (BYOL's solarize)
 _PIL_INTERP = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
@@ -281,10 +282,7 @@ class TrainTransform:
         if self.view_steps:
             raise ValueError("TrainTransform.replay: the self-supervised view augmentation (colour jitter, grayscale, "
                              "blur, solarize) is not recorded and cannot be replayed")
-        left, top, w, h = (int(x) for x in crop)
-        if left < 0 or top < 0 or w < 1 or h < 1 or left + w > img.width or top + h > img.height:
-            raise ValueError(f"recorded crop window (left, top, width, height) = {(left, top, w, h)} does not fit "
-                             f"the {img.width}x{img.height} image")
+        left, top, w, h = recorded_box(crop, img.height, img.width, "crop window")
         c = self.crop
         img = F.resized_crop(img, top, left, h, w, c.size, c.interpolation, antialias=c.antialias)
         if flip:

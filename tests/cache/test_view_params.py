@@ -406,3 +406,22 @@ def test_dali_records_and_replays_its_views(tmp_path, data):  # noqa: F811
     assert ((rec["crop"][:, 0, :2] >= 0) & (rec["crop"][:, 0, 2:] <= 32)).all()
     cached = _train(_cfg("hinton_tiny", tmp_path, data, "cached", *extra, f"teachers.cache={cache.root}"))
     assert _losses(cached) == _losses(online) and len(online.history) == 3
+
+
+@pytest.mark.parametrize("box, optional, ok", [
+    ((0, 0, 8, 6), False, True), ((2, 1, 6, 5), False, True),  # the whole 8x6 image; flush with its far corner
+    ((3, 0, 6, 6), False, False), ((0, 1, 8, 6), False, False), ((-1, 0, 4, 4), False, False),
+    ((0, 0, 0, 4), False, False),  # a crop window is at least 1x1
+    ((0, 0, 0, 0), True, True), ((5, 5, -1, -1), True, True),  # an empty box; no box
+    ((7, 0, 2, 2), True, False), ((0, 0, 3, -1), True, False),
+])
+def test_recorded_boxes_must_fit_the_image(box, optional, ok):
+    """Every replayed crop window and erasing / CutMix box is checked against the image it is cut from."""
+    from fastkd.data.record import recorded_box
+
+    if ok:
+        assert recorded_box(np.array(box), 6, 8, "crop window", optional=optional) == box
+    else:
+        with pytest.raises(ValueError, match=r"recorded crop window \(left, top, width, height\) = .* does not fit "
+                                             r"the 8x6 image"):
+            recorded_box(np.array(box), 6, 8, "crop window", optional=optional)
