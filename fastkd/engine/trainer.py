@@ -139,10 +139,9 @@ class Trainer:
             )
         self.train_loader, self.val_loader, self.bank_loader = train_loader, val_loader, bank_loader
         self.num_classes = getattr(train_loader, "num_classes", None) or getattr(self.data_cfg, "num_classes", None)
+        micro = getattr(self.data_cfg, "batch_size", None) or _guess_batch(train_loader)  # per process and pass
         if t.global_batch is not None:  # the paper's images per step on any number of processes
-            t.accum_steps = builders.accum_for_global_batch(
-                t.global_batch, getattr(self.data_cfg, "batch_size", None) or _guess_batch(train_loader),
-                self.info.world_size)
+            t.accum_steps = builders.accum_for_global_batch(t.global_batch, micro, self.info.world_size)
         micro_batches = len(train_loader)
         self.steps_per_epoch = micro_batches // t.accum_steps
         self.total_steps = builders.total_steps_for(cfg, self.steps_per_epoch)
@@ -186,7 +185,6 @@ class Trainer:
             method.compile()
 
         # ---- optimizer, schedule
-        micro = getattr(self.data_cfg, "batch_size", None) or _guess_batch(train_loader)
         self.global_batch = micro * t.accum_steps * self.info.world_size
         self.base_lr = builders.scaled_lr(cfg, self.global_batch)
         self.optimizer = builders.build_optimizer(cfg, method, self.base_lr)
