@@ -3,6 +3,7 @@ handling, the tile loader."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -82,8 +83,8 @@ def positive_scale(name: str, value) -> float:
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive finite float (logit scale), got {value!r}") from None
-    if not (v > 0.0 and v != float("inf")):
+        v = math.nan  # refused below, with the same message
+    if not (v > 0.0 and math.isfinite(v)):
         raise ValueError(f"{name} must be a positive finite float (logit scale), got {value!r}")
     return v
 
